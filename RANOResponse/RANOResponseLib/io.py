@@ -1,0 +1,222 @@
+"""Reading studies and writing results safely.
+
+A *study* is one timepoint: a folder holding ``CT1``, ``T1``, ``T2`` and ``FLAIR`` images
+(``.nii.gz``, ``.nii`` or ``.nrrd``). Images come back as SimpleITK images, so their geometry
+(origin, spacing, direction, LPS) travels with the voxels through the whole pipeline.
+
+Every image is checked before it is trusted (see ../shared/reference/IMAGING-IO.md): SimpleITK
+silently reads a truncated ``.nii.gz`` and silently turns NaNs into zeros, so NIfTI voxels are
+decoded with nibabel, which raises on a cut-off gzip stream and keeps NaNs, while the geometry is
+taken from SimpleITK's header reader so that it is exactly what ITK (and Slicer) would use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import MODALITIES
+from .errors import RANOInputError
+
+EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+
+
+@dataclass
+class Study:
+    """One timepoint: modality name -> SimpleITK image (float32), plus where it came from."""
+
+    folder: Path
+    images: dict[str, sitk.Image]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def reference_modality(self, order: Sequence[str] = ("CT1", "T1", "T2", "FLAIR")) -> str:
+        """The first modality of ``order`` that this study has (CT1, else T1, ...)."""
+        for m in order:
+            if m in self.images:
+                return m
+        raise RANOInputError(f"{self.folder}: none of {', '.join(order)} found")
+
+
+def find_modality_file(folder: Path, modality: str) -> Path | None:
+    """``folder/<modality>.<ext>`` for a supported extension, case-insensitive; None if absent."""
+    if not folder.is_dir():
+        return None
+    wanted = {f"{modality}{ext}".lower() for ext in EXTENSIONS}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.lower() in wanted:
+            return p
+    return None
+
+
+def _read_nifti_voxels(path: Path) -> np.ndarray:
+    """Decode every voxel with nibabel (x, y, z order). Raises on truncated or corrupt files."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    # np.asarray forces the full decompression: a cut-off gzip stream raises EOFError here,
+    # a short uncompressed file raises from the memory map.
+    return np.asarray(img.dataobj)
+
+
+def read_image(path: Path | str) -> sitk.Image:
+    """Read one 3D image as float32, refusing anything a prediction must not be built on.
+
+    Raises :class:`RANOInputError` naming the file for: unreadable/corrupt or truncated files,
+    images that are not 3D, NaN or infinite voxels, and empty (all-zero or constant) images.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RANOInputError(f"{path}: file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise RANOInputError(f"{path}: unreadable image ({_first_line(e)})") from None
+    size = [s for s in reader.GetSize()]
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        shape = "x".join(str(s) for s in size)
+        comps = reader.GetNumberOfComponents()
+        extra = f" with {comps} components" if comps != 1 else ""
+        raise RANOInputError(
+            f"{path}: not a 3D image ({reader.GetDimension()}D, size {shape}{extra})"
+        )
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            vox = _read_nifti_voxels(path)
+            if vox.ndim != 3:
+                raise RANOInputError(f"{path}: not a 3D image (data shape {vox.shape})")
+            arr = np.ascontiguousarray(vox.transpose(2, 1, 0), dtype=np.float32)
+            image = sitk.GetImageFromArray(arr)
+            image.SetOrigin(reader.GetOrigin())
+            image.SetSpacing(reader.GetSpacing())
+            image.SetDirection(reader.GetDirection())
+        else:
+            image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
+            arr = sitk.GetArrayViewFromImage(image)
+    except RANOInputError:
+        raise
+    except (EOFError, OSError, ValueError, RuntimeError) as e:
+        raise RANOInputError(f"{path}: truncated or corrupt image data ({_first_line(e)})") from None
+    if min(arr.shape) < 2:
+        raise RANOInputError(f"{path}: not a 3D image (size {'x'.join(map(str, size))})")
+    if not np.isfinite(arr).all():
+        n = int((~np.isfinite(arr)).sum())
+        raise RANOInputError(f"{path}: contains {n} NaN or infinite voxels")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise RANOInputError(f"{path}: empty image (every voxel is {lo:g})")
+    return image
+
+
+def read_study(folder: Path | str, modalities: Sequence[str] = MODALITIES) -> Study:
+    """Read the given modalities of one study folder; a missing one is an error naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RANOInputError(f"{folder}: study folder not found")
+    files: dict[str, Path] = {}
+    missing = []
+    for m in modalities:
+        p = find_modality_file(folder, m)
+        if p is None:
+            missing.append(m)
+        else:
+            files[m] = p
+    if missing:
+        exts = "/".join(EXTENSIONS)
+        raise RANOInputError(
+            f"{folder}: missing modality {', '.join(missing)} (expected {missing[0]}{{{exts}}})"
+        )
+    return Study(folder=folder, images={m: read_image(p) for m, p in files.items()}, files=files)
+
+
+def check_distinct_studies(baseline: Path | str, followup: Path | str) -> None:
+    """Baseline and follow-up must be two different folders (and not the same files)."""
+    b, f = Path(baseline), Path(followup)
+    if b.exists() and f.exists() and os.path.samefile(b, f):
+        raise RANOInputError(f"{f}: follow-up is the same folder as the baseline ({b})")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    # ITK errors start with a source location; the last line says what is wrong.
+    return (text[-1] if text else type(e).__name__).strip()[:200]
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def write_image(image: sitk.Image, path: Path | str) -> Path:
+    """Write an image through a temporary name in the same folder, then rename it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(text: str, path: Path | str) -> Path:
+    """Write a text file atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path | str) -> Iterator[Path]:
+    """Yield a private staging folder; on success its files move into ``out``.
+
+    On any error the staging folder is removed and ``out`` is left as it was (not created
+    if it did not exist), so a failed run leaves no partial output behind.
+    """
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+        if not out.exists():
+            os.replace(stage, out)
+            return
+        if not out.is_dir():
+            raise RANOInputError(f"{out}: exists and is not a folder")
+        for p in sorted(stage.iterdir()):
+            target = out / p.name
+            if p.is_dir() and target.exists():
+                _replace_dir(p, target)
+                continue
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(p, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""The one data path from two study folders to a prediction with maps.
+
+``predict_pair`` does the work in memory and is what the Slicer module, the CLI and evaluation
+call; ``write_outputs`` writes its result; ``run_predict`` is both, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .attributions import Prediction, predict, predict_with_maps
+from .bundle import Bundle, load_models, read_bundle
+from .io import Study, atomic_output_dir, check_distinct_studies, read_study, write_image, write_text
+from .model import resolve_device
+from .preprocessing import (
+    PreparedPair,
+    RegistrationParams,
+    RegistrationResult,
+    prepare_pair,
+    register_rigid,
+    resample,
+    to_reference,
+)
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class PairResult:
+    """Everything a caller may want to show or save from one prediction."""
+
+    bundle: Bundle
+    device: str
+    baseline: Study
+    followup: Study
+    registration: RegistrationResult
+    prepared: PreparedPair
+    prediction: Prediction
+    maps: dict[str, sitk.Image] = field(default_factory=dict)  # on the baseline reference grid
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.bundle.class_names[int(np.argmax(self.prediction.probabilities))]
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return {c: float(p) for c, p in zip(self.bundle.class_names, self.prediction.probabilities)}
+
+    def summary(self) -> dict:
+        spread = {c: float(s) for c, s in zip(self.bundle.class_names, self.prediction.spread)}
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "ensemble_spread": spread,
+            "ensemble_size": len(self.bundle.weights),
+            "maps_explain": self.bundle.class_names[self.prediction.target] if self.maps else None,
+            "bundle": {"id": self.bundle.id, "path": str(self.bundle.path),
+                       "sha256": [w["sha256"] for w in self.bundle.weights]},
+            "device": self.device,
+            "inputs": {
+                "baseline": {m: str(p) for m, p in self.baseline.files.items()},
+                "followup": {m: str(p) for m, p in self.followup.files.items()},
+            },
+            "registration": self.registration.as_dict(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "map_scale": self.prediction.raw_max,
+            "rano_response_version": __version__,
+            "note": "Research software, not for clinical use.",
+        }
+
+
+def _load_models_cached(bundle: Bundle, device: torch.device) -> list[torch.nn.Module]:
+    key = (str(bundle.path), tuple(w["sha256"] for w in bundle.weights), str(device))
+    if _MODEL_CACHE.get("key") != key:
+        _MODEL_CACHE["key"], _MODEL_CACHE["models"] = key, load_models(bundle, device)
+    return _MODEL_CACHE["models"]
+
+
+# One bundle kept loaded, so a Slicer session or a batch does not reload weights per case.
+_MODEL_CACHE: dict[str, object] = {}
+
+
+def predict_pair(
+    baseline: Path | str | Study,
+    followup: Path | str | Study,
+    bundle: Bundle | Path | str | None = None,
+    device: str = "auto",
+    attributions: bool = True,
+    registration: RegistrationParams | None = None,
+    progress: Progress | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> PairResult:
+    """Read, register, resample, run the model and (optionally) the maps, for one case pair."""
+    progress = progress or (lambda stage, frac: None)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    dev = resolve_device(device, notice)
+
+    t = time.perf_counter()
+    progress("read", 0.0)
+    if not isinstance(baseline, Study) or not isinstance(followup, Study):
+        b_path = baseline.folder if isinstance(baseline, Study) else Path(baseline)
+        f_path = followup.folder if isinstance(followup, Study) else Path(followup)
+        check_distinct_studies(b_path, f_path)
+    base = baseline if isinstance(baseline, Study) else read_study(baseline, bundle.spec.modalities)
+    fu = followup if isinstance(followup, Study) else read_study(followup, bundle.spec.modalities)
+    models = _load_models_cached(bundle, dev)
+    timings["read"] = time.perf_counter() - t
+
+    progress("register", 0.15)
+    t = time.perf_counter()
+    reg = register_rigid(base, fu, registration)
+    timings["register"] = time.perf_counter() - t
+
+    progress("resample", 0.55)
+    t = time.perf_counter()
+    prepared = prepare_pair(base, fu, reg.transform, bundle.spec)
+    x = torch.from_numpy(prepared.array[None]).to(dev)
+    timings["crop_resample"] = time.perf_counter() - t
+
+    progress("inference", 0.65)
+    maps: dict[str, sitk.Image] = {}
+    if attributions:
+        pred = predict_with_maps(models, x, bundle.gradcam_layer)
+        t = time.perf_counter()
+        reference = base.images[bundle.spec.reference_modality]
+        maps = {name: to_reference(getattr(pred, name), prepared.grid, reference)
+                for name in ("saliency", "gradcam")}
+        pred.timings["attributions"] += time.perf_counter() - t
+    else:
+        pred = predict(models, x)
+    timings.update(pred.timings)
+    timings["total"] = time.perf_counter() - t_start
+    progress("done", 1.0)
+    return PairResult(bundle, str(dev), base, fu, reg, prepared, pred, maps, timings)
+
+
+def write_outputs(result: PairResult, out: Path, overlay: bool = True) -> dict[str, Path]:
+    """Write prediction.json, the maps, the transform and the overlay montage into ``out``."""
+    t = time.perf_counter()
+    files: dict[str, Path] = {}
+    for name, img in result.maps.items():
+        files[name] = write_image(img, out / f"{name}.nii.gz")
+    tfm = out / "followup_to_baseline.tfm"
+    sitk.WriteTransform(result.registration.transform, str(tfm))
+    files["transform"] = tfm
+    if overlay and result.maps:
+        from .overlay import render_overlay
+
+        reference = result.baseline.images[result.bundle.spec.reference_modality]
+        shown = {}
+        for mod in ("CT1", "FLAIR"):
+            if mod in result.baseline.images:
+                shown[f"{mod}:baseline"] = result.baseline.images[mod]
+                shown[f"{mod}:followup"] = resample(result.followup.images[mod], reference,
+                                                    result.registration.transform)
+        probs = "  ".join(f"{c} {p:.2f}" for c, p in result.probabilities.items())
+        title = (f"Predicted {result.label}   ({probs})   bundle {result.bundle.id}   "
+                 f"— research use only, not for clinical use")
+        files["overlay"] = render_overlay(out / "overlay.png", shown, result.maps, title)
+    result.timings["write"] = time.perf_counter() - t
+    summary = result.summary()
+    summary["outputs"] = {k: p.name for k, p in files.items()}
+    files["prediction"] = write_text(json.dumps(summary, indent=2) + "\n", out / "prediction.json")
+    return files
+
+
+def run_predict(
+    baseline: Path | str,
+    followup: Path | str,
+    out: Path | str,
+    bundle: Path | str | None = None,
+    device: str = "auto",
+    attributions: bool = True,
+    progress: Progress | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> tuple[PairResult, dict[str, Path]]:
+    """``rano-response predict``: all outputs appear in ``out`` together, or none do."""
+    result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice)
+    with atomic_output_dir(out) as stage:
+        files = write_outputs(result, stage, overlay=attributions)
+    out = Path(out)
+    return result, {k: out / p.name for k, p in files.items()}
