@@ -27,11 +27,9 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
                         min_followups=args.min_followups, max_followups=args.max_followups,
                         quirks=not args.no_quirks)
     truth = generate_cohort(Path(args.out), cfg, progress=lambda m: print(m, file=sys.stderr))
-    fu = truth[truth["role"] == "follow-up"] if "role" in truth else truth
-    col = "rating" if "rating" in fu else fu.columns[-1]
-    print(f"wrote {args.patients} patients to {args.out}")
-    if col in fu:
-        print("follow-up ratings:", json.dumps(fu[col].value_counts().to_dict()))
+    follow = truth[truth["role"] == "follow-up"]
+    print(f"wrote {args.patients} patients to {Path(args.out).absolute()}")
+    print("follow-up ratings:", json.dumps(follow["rating_written"].value_counts().to_dict()))
     return 0
 
 
