@@ -82,7 +82,7 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
     _require(meta_file.is_file(), meta_file, "model bundle not found (no bundle.json)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 decoding errors
         raise BundleError(f"{meta_file}: not valid JSON ({e})") from None
     _require(isinstance(meta, dict), meta_file, "top level must be an object")
     _require(meta.get("format") == FORMAT, meta_file, f"'format' must be {FORMAT!r}")
@@ -170,6 +170,8 @@ def load_models(bundle: Bundle, device: "Any" = "cpu") -> list["Any"]:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad bundle
             raise BundleError(f"{f}: cannot load weights ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BundleError(f"{f}: not a state_dict (expected a flat mapping of parameter names to tensors)")
         net = build_network(bundle.architecture["name"], **bundle.architecture["args"])
         try:
             net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

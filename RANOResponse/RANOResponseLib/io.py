@@ -61,12 +61,26 @@ def find_modality_file(folder: Path, modality: str) -> Path | None:
 
 
 def _read_nifti_voxels(path: Path) -> np.ndarray:
-    """Decode every voxel with nibabel (x, y, z order). Raises on truncated or corrupt files."""
+    """Decode every voxel with nibabel (x, y, z order). Raises on truncated or corrupt files.
+
+    A ``.nii.gz`` is decompressed here in full, so that gzip checks its CRC and length trailer
+    (nibabel alone stops once it has the voxel bytes and never reads the trailer, so flipped
+    bytes or a lost trailer would pass). One decompression serves both the check and the decode.
+    """
+    import gzip
+
     import nibabel as nib
 
-    img = nib.load(str(path))
-    # np.asarray forces the full decompression: a cut-off gzip stream raises EOFError here,
-    # a short uncompressed file raises from the memory map.
+    if path.name.lower().endswith(".gz"):
+        with gzip.open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            img = nib.Nifti1Image.from_bytes(data)
+        except Exception:  # noqa: BLE001 - not NIfTI-1: try NIfTI-2, else report the first error
+            img = nib.Nifti2Image.from_bytes(data)
+    else:
+        img = nib.load(str(path))
+    # np.asarray forces the decode: a short uncompressed file raises from the memory map.
     return np.asarray(img.dataobj)
 
 
@@ -109,7 +123,7 @@ def read_image(path: Path | str) -> sitk.Image:
             arr = sitk.GetArrayViewFromImage(image)
     except RANOInputError:
         raise
-    except (EOFError, OSError, ValueError, RuntimeError) as e:
+    except (EOFError, OSError, ValueError, RuntimeError, nib_errors()) as e:
         raise RANOInputError(f"{path}: truncated or corrupt image data ({_first_line(e)})") from None
     if min(arr.shape) < 2:
         raise RANOInputError(f"{path}: not a 3D image (size {'x'.join(map(str, size))})")
@@ -150,6 +164,12 @@ def check_distinct_studies(baseline: Path | str, followup: Path | str) -> None:
         raise RANOInputError(f"{f}: follow-up is the same folder as the baseline ({b})")
 
 
+def nib_errors() -> type[Exception]:
+    from nibabel.filebasedimages import ImageFileError
+
+    return ImageFileError
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     # ITK errors start with a source location; the last line says what is wrong.
@@ -187,22 +207,25 @@ def write_text(text: str, path: Path | str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path | str) -> Iterator[Path]:
+def atomic_output_dir(out: Path | str, owned: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a private staging folder; on success its files move into ``out``.
 
     On any error the staging folder is removed and ``out`` is left as it was (not created
-    if it did not exist), so a failed run leaves no partial output behind.
+    if it did not exist), so a failed run leaves no partial output behind. Files named in
+    ``owned`` that the new run did not produce are removed from ``out``, so a re-run into the
+    same folder never leaves a previous run's outputs beside the new ones.
     """
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RANOInputError(f"{out}: exists and is not a folder")
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield stage
         if not out.exists():
             os.replace(stage, out)
             return
-        if not out.is_dir():
-            raise RANOInputError(f"{out}: exists and is not a folder")
+        produced = {p.name for p in stage.iterdir()}
         for p in sorted(stage.iterdir()):
             target = out / p.name
             if p.is_dir() and target.exists():
@@ -211,6 +234,8 @@ def atomic_output_dir(out: Path | str) -> Iterator[Path]:
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(p, target)
+        for name in set(owned) - produced:
+            (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -24,7 +24,7 @@ def _window(a: np.ndarray) -> tuple[float, float]:
     vals = a[a != 0]
     if vals.size == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(vals, [0.5, 99.5])
+    lo, hi = np.percentile(vals, [0.5, 99.9])
     return float(lo), float(hi if hi > lo else lo + 1)
 
 

@@ -18,8 +18,16 @@ import torch
 
 from . import __version__
 from .attributions import Prediction, predict, predict_with_maps
-from .bundle import Bundle, load_models, read_bundle
-from .io import Study, atomic_output_dir, check_distinct_studies, read_study, write_image, write_text
+from .bundle import Bundle, check_study_matches, load_models, read_bundle
+from .io import (
+    Study,
+    atomic_output_dir,
+    check_distinct_studies,
+    find_modality_file,
+    read_study,
+    write_image,
+    write_text,
+)
 from .model import resolve_device
 from .preprocessing import (
     PreparedPair,
@@ -32,6 +40,7 @@ from .preprocessing import (
 )
 
 Progress = Callable[[str, float], None]
+OUTPUT_NAMES = ("prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png")
 
 
 @dataclass
@@ -108,28 +117,31 @@ def predict_pair(
     dev = resolve_device(device, notice)
 
     t = time.perf_counter()
-    progress("read", 0.0)
     if not isinstance(baseline, Study) or not isinstance(followup, Study):
         b_path = baseline.folder if isinstance(baseline, Study) else Path(baseline)
         f_path = followup.folder if isinstance(followup, Study) else Path(followup)
         check_distinct_studies(b_path, f_path)
+    for study in (baseline, followup):
+        if not isinstance(study, Study) and Path(study).is_dir():
+            found = {m: find_modality_file(Path(study), m) for m in bundle.spec.modalities}
+            check_study_matches(bundle, {m: p for m, p in found.items() if p}, Path(study))
     base = baseline if isinstance(baseline, Study) else read_study(baseline, bundle.spec.modalities)
     fu = followup if isinstance(followup, Study) else read_study(followup, bundle.spec.modalities)
     models = _load_models_cached(bundle, dev)
     timings["read"] = time.perf_counter() - t
+    progress("read", 0.15)
 
-    progress("register", 0.15)
     t = time.perf_counter()
     reg = register_rigid(base, fu, registration)
     timings["register"] = time.perf_counter() - t
+    progress("registered", 0.55)
 
-    progress("resample", 0.55)
     t = time.perf_counter()
     prepared = prepare_pair(base, fu, reg.transform, bundle.spec)
     x = torch.from_numpy(prepared.array[None]).to(dev)
     timings["crop_resample"] = time.perf_counter() - t
+    progress("resampled", 0.65)
 
-    progress("inference", 0.65)
     maps: dict[str, sitk.Image] = {}
     if attributions:
         pred = predict_with_maps(models, x, bundle.gradcam_layer)
@@ -142,7 +154,7 @@ def predict_pair(
         pred = predict(models, x)
     timings.update(pred.timings)
     timings["total"] = time.perf_counter() - t_start
-    progress("done", 1.0)
+    progress("predicted", 0.9)
     return PairResult(bundle, str(dev), base, fu, reg, prepared, pred, maps, timings)
 
 
@@ -188,7 +200,9 @@ def run_predict(
 ) -> tuple[PairResult, dict[str, Path]]:
     """``rano-response predict``: all outputs appear in ``out`` together, or none do."""
     result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice)
-    with atomic_output_dir(out) as stage:
+    with atomic_output_dir(out, owned=OUTPUT_NAMES) as stage:
         files = write_outputs(result, stage, overlay=attributions)
+    if progress:
+        progress("written", 1.0)
     out = Path(out)
     return result, {k: out / p.name for k, p in files.items()}

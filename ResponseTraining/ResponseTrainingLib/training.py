@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -198,7 +198,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience:
             break
-        gen.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch streams: a resumed run draws the same
+        # per-epoch streams (order, augmentation, dropout): a resumed run draws what the
+        # uninterrupted run would have drawn
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)
         aug = _augmenter(cfg.seed * 1000 + epoch) if cfg.augment else None
         order = idx["train"][torch.multinomial(torch.tensor(samp_w), len(samp_w), replacement=cfg.sampler_weighting != "equal",
                                                generator=gen).numpy()]

@@ -1,0 +1,249 @@
+"""Registration, the model grid, normalisation and the way back onto the baseline grid.
+
+Guards RANOResponseLib.preprocessing: register_rigid recovers a known rigid motion to sub-mm
+accuracy; prepare_pair builds a (C, z, y, x) array in the bundle's channel order on a grid centred
+on the baseline brain; to_reference puts maps back on exactly the baseline reference grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from RANOResponseLib.errors import RANOInputError
+from RANOResponseLib.io import Study
+from RANOResponseLib.preprocessing import (
+    Channel,
+    InputSpec,
+    RegistrationResult,
+    default_channels,
+    model_grid,
+    normalize,
+    prepare_pair,
+    register_rigid,
+    to_reference,
+)
+
+
+def _mean_error_mm(points: np.ndarray, recovered: sitk.Transform, truth: sitk.Transform) -> np.ndarray:
+    """|truth(recovered(p)) - p| for each baseline point p: 0 for a perfect registration."""
+    return np.array([np.linalg.norm(np.array(truth.TransformPoint(recovered.TransformPoint(p.tolist()))) - p)
+                     for p in points])
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def test_registration_recovers_known_rigid_motion(known_motion):
+    """Rotations of 3-5 degrees and translations of 5-8 mm are recovered to < 1 mm mean error."""
+    before = _mean_error_mm(known_motion.brain_points, sitk.Euler3DTransform(), known_motion.transform)
+    assert before.mean() > 5.0  # the motion is real: without registration the error is large
+
+    result = register_rigid(known_motion.baseline, known_motion.followup)
+    assert isinstance(result, RegistrationResult)
+    assert isinstance(result.transform, sitk.Euler3DTransform)
+    err = _mean_error_mm(known_motion.brain_points, result.transform, known_motion.transform)
+    assert err.mean() < 1.0, f"mean displacement error {err.mean():.2f} mm"
+    assert np.percentile(err, 95) < 1.5
+    # the recovered angles are those of the inverse of the known motion (about 4, -3, 5 degrees)
+    d = result.as_dict()
+    assert d["modality"] == "T1"
+    inverse = known_motion.transform.GetInverse()
+    expected = sitk.Euler3DTransform()
+    expected.SetMatrix(inverse.GetMatrix())
+    np.testing.assert_allclose(
+        d["rotation_deg"], np.degrees([expected.GetAngleX(), expected.GetAngleY(), expected.GetAngleZ()]), atol=0.5)
+
+
+def test_registration_of_identical_studies_is_identity(known_motion):
+    """Registering a study to itself gives (nearly) the identity: no drift is introduced."""
+    result = register_rigid(known_motion.baseline, known_motion.baseline)
+    err = _mean_error_mm(known_motion.brain_points, result.transform, sitk.Euler3DTransform())
+    assert err.mean() < 0.5
+
+
+def test_registration_needs_a_common_modality(known_motion):
+    """Two studies with no modality in common cannot be registered: an error naming the folders."""
+    a = Study(Path("a-study"), {"T1": known_motion.baseline.images["T1"]})
+    b = Study(Path("b-study"), {"FLAIR": known_motion.followup.images["FLAIR"]})
+    with pytest.raises(RANOInputError, match="a-study"):
+        register_rigid(a, b)
+
+
+def test_registration_on_phantom_pair_is_sane(registration):
+    """The phantom pair registers with a bounded rigid motion (LUMIERE-like poses), not a runaway."""
+    d = registration.as_dict()
+    assert max(abs(a) for a in d["rotation_deg"]) < 30
+    assert np.linalg.norm(d["translation_mm"]) < 60
+    assert np.isfinite(d["metric"]) and d["metric"] < 0  # Mattes MI is negative when images match
+
+
+# ------------------------------------------------------------------------------ model grid
+
+
+SHUFFLED = tuple(Channel.parse(c) for c in (
+    "T2:baseline", "CT1:followup", "FLAIR:followup", "T1:baseline",
+    "CT1:baseline", "T1:followup", "T2:followup", "FLAIR:baseline"))
+
+
+def _zscore(arr: np.ndarray, clip: float = 5.0) -> np.ndarray:
+    m = arr != 0
+    out = np.zeros_like(arr, dtype=np.float32)
+    v = arr[m]
+    out[m] = np.clip((v - v.mean()) / v.std(), -clip, clip)
+    return out
+
+
+def test_prepare_pair_shape_order_and_transform(known_motion):
+    """(C, z, y, x) with C in the spec's (shuffled) order, follow-up channels through the transform.
+
+    Each channel is recomputed independently (plain SimpleITK resampling + z-score) and must match
+    its own channel, and no other, on a non-cubic grid (so a swapped axis would show).
+    """
+    size = (36, 44, 40)  # x, y, z
+    spec = InputSpec(("CT1", "T1", "T2", "FLAIR"), SHUFFLED, spacing=(3.0, 3.0, 3.0), size=size)
+    # deliberately not the true transform: follow-up channels must visibly differ from baseline ones
+    transform = sitk.Euler3DTransform(known_motion.transform.GetCenter(), 0.05, 0.0, -0.04, (9.0, 0.0, -6.0))
+    pp = prepare_pair(known_motion.baseline, known_motion.followup, transform, spec)
+
+    assert pp.array.shape == (8, size[2], size[1], size[0])
+    assert pp.array.dtype == np.float32
+    assert pp.channels == SHUFFLED
+    assert pp.grid.GetSize() == size
+    assert pp.grid.GetSpacing() == (3.0, 3.0, 3.0)
+    assert pp.grid.GetDirection() == known_motion.baseline.images["CT1"].GetDirection()
+
+    expected = []
+    for ch in SHUFFLED:
+        study = known_motion.followup if ch.timepoint == "followup" else known_motion.baseline
+        tf = transform if ch.timepoint == "followup" else sitk.Transform()
+        img = sitk.Resample(study.images[ch.modality], pp.grid, tf, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        expected.append(_zscore(sitk.GetArrayFromImage(img)))
+    for i in range(len(SHUFFLED)):
+        diffs = [np.abs(pp.array[i] - e).max() for e in expected]
+        assert diffs[i] < 1e-3, f"channel {i} ({SHUFFLED[i]}) differs from its own recomputation"
+        assert all(d > 0.5 for j, d in enumerate(diffs) if j != i), f"channel {i} also matches another: {diffs}"
+
+
+def test_model_grid_is_centred_on_the_brain(known_motion):
+    """The grid has the spec's size/spacing, the reference's direction, and is centred on the brain."""
+    ref = known_motion.baseline.images["CT1"]
+    grid = model_grid(ref, (6.0, 5.0, 4.0), (16, 20, 24))
+    assert grid.GetSize() == (16, 20, 24)
+    assert grid.GetSpacing() == (6.0, 5.0, 4.0)
+    assert grid.GetDirection() == ref.GetDirection()
+    arr = sitk.GetArrayViewFromImage(ref)
+    nz = np.nonzero(arr)
+    lo = ref.TransformIndexToPhysicalPoint([int(nz[2].min()), int(nz[1].min()), int(nz[0].min())])
+    hi = ref.TransformIndexToPhysicalPoint([int(nz[2].max()), int(nz[1].max()), int(nz[0].max())])
+    brain_centre = (np.array(lo) + np.array(hi)) / 2
+    grid_centre = grid.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in grid.GetSize()])
+    np.testing.assert_allclose(grid_centre, brain_centre, atol=1e-6)
+
+
+def test_model_grid_refuses_empty_reference(known_motion):
+    """A reference without brain voxels cannot define a grid."""
+    empty = sitk.Image(known_motion.baseline.images["CT1"]) * 0
+    with pytest.raises(RANOInputError):
+        model_grid(empty, (6, 6, 6), (16, 16, 16))
+
+
+def test_prepared_phantom_channels_are_normalised(prepared, tiny_models):
+    """On the real phantom pair: spec order, shape = size reversed, brain z-scored, background 0."""
+    bundle, _ = tiny_models
+    spec = bundle.spec
+    assert prepared.array.shape == (len(spec.channels), *reversed(spec.size))
+    assert prepared.channels == spec.channels
+    assert list(prepared.resampled) == [str(c) for c in spec.channels]
+    assert np.isfinite(prepared.array).all()
+    for i, ch in enumerate(spec.channels):
+        plane = prepared.array[i]
+        raw = sitk.GetArrayFromImage(prepared.resampled[str(ch)])
+        inside = raw != 0
+        assert inside.sum() > 500, f"{ch}: brain barely on the model grid"
+        assert abs(plane[inside].mean()) < 0.05, ch
+        assert abs(plane[inside].std() - 1.0) < 0.05, ch
+        assert np.all(plane[~inside] == 0), ch
+        assert np.abs(plane).max() <= spec.clip
+
+
+def test_normalize():
+    """z-score over the non-zero voxels only, background kept at 0, clipped, unknown method refused."""
+    rng = np.random.default_rng(0)
+    arr = np.zeros((10, 10, 10), np.float32)
+    arr[2:8, 2:8, 2:8] = rng.normal(100, 20, (6, 6, 6))
+    arr[5, 5, 5] = 10000  # an outlier is clipped
+    out = normalize(arr, "zscore", clip=3.0)
+    assert np.all(out[arr == 0] == 0)
+    assert out.max() == pytest.approx(3.0)
+    inside = out[arr != 0]
+    assert abs(np.median(inside)) < 0.3
+    assert np.all(normalize(np.zeros((4, 4, 4), np.float32)) == 0)
+    with pytest.raises(ValueError):
+        normalize(arr, "minmax")
+
+
+def test_channel_parsing_and_default_order():
+    """Channels are '<modality>:followup|baseline'; the default order is follow-up then baseline."""
+    assert [str(c) for c in default_channels(("CT1", "T1"))] == ["CT1:followup", "CT1:baseline",
+                                                                "T1:followup", "T1:baseline"]
+    assert Channel.parse("FLAIR:baseline") == Channel("FLAIR", "baseline")
+    for bad in ("FLAIR", "FLAIR:later", ":baseline", ""):
+        with pytest.raises(ValueError):
+            Channel.parse(bad)
+
+
+# --------------------------------------------------------------------------- back to reference
+
+
+def _oblique_reference() -> sitk.Image:
+    """A reference image with an oblique direction, anisotropic spacing and a brain mask blob."""
+    z, y, x = np.mgrid[0:30, 0:36, 0:40]
+    arr = (np.exp(-(((x - 20) / 12.0) ** 2 + ((y - 18) / 11.0) ** 2 + ((z - 15) / 9.0) ** 2)) > 0.2).astype(np.float32)
+    img = sitk.GetImageFromArray(arr * 100)
+    img.SetSpacing((1.2, 1.1, 2.5))
+    img.SetOrigin((12.5, -40.0, 7.0))
+    img.SetDirection(sitk.VersorTransform((0.2, 0.5, -0.8), np.radians(25)).GetMatrix())
+    return img
+
+
+@pytest.mark.parametrize("which", ["phantom", "oblique"])
+def test_to_reference_has_exact_reference_geometry(which, case_studies, tiny_models):
+    """Maps come back with exactly the reference's size, spacing, origin and direction."""
+    bundle, _ = tiny_models
+    ref = case_studies[0].images["CT1"] if which == "phantom" else _oblique_reference()
+    grid = model_grid(ref, bundle.spec.spacing, bundle.spec.size)
+    arr = np.random.default_rng(1).random(tuple(reversed(bundle.spec.size))).astype(np.float32)
+    out = to_reference(arr, grid, ref)
+    assert out.GetSize() == ref.GetSize()
+    assert out.GetSpacing() == ref.GetSpacing()
+    assert out.GetOrigin() == ref.GetOrigin()
+    assert out.GetDirection() == ref.GetDirection()
+    assert out.GetPixelID() == sitk.sitkFloat32
+
+
+def test_to_reference_keeps_positions_and_masks(known_motion):
+    """A blob at a known physical point on a non-cubic model grid lands at that point on the
+    reference (no swapped or flipped axes); outside the reference brain the map is 0."""
+    ref = known_motion.baseline.images["CT1"]
+    grid = model_grid(ref, (4.0, 5.0, 6.0), (30, 26, 22))
+    target_idx = (20, 8, 15)  # x, y, z on the grid: off-centre in every axis
+    target = np.array(grid.TransformIndexToPhysicalPoint(target_idx))
+    arr = np.zeros((22, 26, 30), np.float32)
+    arr[target_idx[2], target_idx[1], target_idx[0]] = 1.0
+    from scipy import ndimage
+
+    arr = ndimage.gaussian_filter(arr, 1.0)
+    out = to_reference(arr, grid, ref, mask=False)
+    peak = np.unravel_index(int(np.argmax(sitk.GetArrayViewFromImage(out))), tuple(reversed(ref.GetSize())))
+    peak_point = np.array(ref.TransformIndexToPhysicalPoint([int(peak[2]), int(peak[1]), int(peak[0])]))
+    assert np.linalg.norm(peak_point - target) < 3.0  # within a reference voxel of the model-grid point
+
+    ones = to_reference(np.ones((22, 26, 30), np.float32), grid, ref, mask=True)
+    o = sitk.GetArrayViewFromImage(ones)
+    brain = sitk.GetArrayViewFromImage(ref) != 0
+    assert np.all(o[~brain] == 0)
+    assert o[brain].max() == pytest.approx(1.0)
