@@ -91,12 +91,36 @@ def _train_cmd(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
             "--epochs", str(epochs), "--seed", "5", "--device", "cpu", *TINY, *extra]
 
 
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run."""
+    full = tmp_path_factory.mktemp("runs") / "full"
+    subprocess.run(_train_cmd(cohort, full, 3), check=True, capture_output=True)
+    return full
+
+
 @pytest.mark.slow
-def test_train_killed_mid_epoch_resumes_and_matches(cohort, tmp_path):
+def test_evaluate_scores_every_usable_pair(cohort, trained, tmp_path):
+    """`rano-response evaluate` runs the clinical path on each usable pair and reports metrics
+    over exactly those pairs."""
+    from RANOResponseLib.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--bundle", str(trained / "bundle"), "--data", str(cohort), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    pairs = pd.read_csv(out / "pairs.csv")
+    preds = pd.read_csv(out / "predictions.csv")
+    assert metrics["n"] == len(preds) == int((pairs.status == "used").sum())
+    assert np.allclose(preds[[f"p_{c}" for c in ("CR", "PR", "SD", "PD")]].sum(1), 1, atol=1e-5)
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
+
+
+@pytest.mark.slow
+def test_train_killed_mid_epoch_resumes_and_matches(cohort, trained, tmp_path):
     """A run killed during its second epoch resumes from the last checkpoint, finishes, and
     ends with the same history as an uninterrupted run on the same seed."""
-    full = tmp_path / "full"
-    subprocess.run(_train_cmd(cohort, full, 3), check=True, capture_output=True)
+    full = trained
     killed = tmp_path / "killed"
     # share the preprocessed cache so the second run starts training at once
     (killed).mkdir()
@@ -104,7 +128,7 @@ def test_train_killed_mid_epoch_resumes_and_matches(cohort, tmp_path):
     proc = subprocess.Popen(_train_cmd(cohort, killed, 3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not (killed / "checkpoint.pt").exists():
+    while not (killed / "history.csv").exists():  # written right after the epoch-1 checkpoint
         assert proc.poll() is None and time.time() < deadline, "no checkpoint written"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # during epoch 2

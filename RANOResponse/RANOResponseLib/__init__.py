@@ -1,6 +1,6 @@
 """RANOResponseLib: the headless core of the RANOResponse Slicer extension.
 
-Everything here runs without the Slicer application (no ``qt``, ``ctk`` or ``slicer.app``):
+Everything here runs without the Slicer application (no Qt, no ctk, no application object):
 the CLI, the Slicer module and the training module all call these same functions.
 
 Data path: study folder -> :func:`io.read_study` (SimpleITK images with geometry)

@@ -3,6 +3,7 @@
     rano-response phantom  --out DIR --patients N --seed S [--spacing MM]
     rano-response predict  --baseline DIR --followup DIR --out OUT [--bundle B] [--device D]
     rano-response train    --data DIR --out RUN [...]          (ResponseTrainingLib)
+    rano-response evaluate --bundle B --data DIR --out OUT
     rano-response bench    [--runs 3] [--spacing 1]
 
 Bad input is reported as one line ``error: <file>: <problem>`` on stderr, with exit status 2
@@ -59,6 +60,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(runs=args.runs, spacing=args.spacing, device=args.device, workdir=args.workdir)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ResponseTrainingLib.evaluate import evaluate
+
+    m = evaluate(args.bundle, args.data, args.out, args.device)
+    print(f"{m['n']} pairs  balanced accuracy {m['balanced_accuracy']:.3f}  macro F1 {m['f1_macro']:.3f}  "
+          f"AUC {m['auc_ovr']:.3f}")
+    print(f"confusion matrix (rows true, cols predicted): {m['confusion_matrix']}")
+    print(f"written: {Path(args.out).absolute()}/metrics.json, predictions.csv, pairs.csv")
+    return 0
+
+
 def _cmd_train(argv: Sequence[str]) -> int:
     from ResponseTrainingLib.cli import main as train_main
 
@@ -95,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="auto")
     be.add_argument("--workdir", type=Path, default=None)
     be.set_defaults(func=_cmd_bench)
+
+    ev = sub.add_parser("evaluate", help="score a bundle on a labelled LUMIERE-layout cohort")
+    ev.add_argument("--bundle", type=Path, default=None)
+    ev.add_argument("--data", required=True, type=Path)
+    ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_cmd_evaluate)
 
     sub.add_parser("train", help="train and export a bundle (see `rano-response train --help`)",
                    add_help=False)

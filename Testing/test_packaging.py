@@ -1,0 +1,56 @@
+"""Packaging guards: the Lib packages stay free of Qt and the Slicer app, every module file is
+listed in its CMakeLists (an installed extension never misses a file), and the shipped bundle
+is valid, small, and documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("RANOResponse", "ResponseTraining")
+FORBIDDEN = re.compile(r"^\s*(import (qt|ctk)\b|from (qt|ctk) import|import slicer\.app|.*\bslicer\.app\b)", re.M)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_lib_has_no_qt_or_slicer_app(module):
+    for path in (ROOT / module / f"{module}Lib").rglob("*.py"):
+        hits = FORBIDDEN.findall(path.read_text(encoding="utf-8"))
+        assert not hits, f"{path} uses Qt/ctk/slicer.app"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_cmake_lists_every_module_file(module):
+    folder = ROOT / module
+    cmake = (folder / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", module)
+    listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui|svg))\s*$", cmake, re.M))
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if p.is_file() and p.suffix in (".py", ".png", ".ui", ".svg") and "__pycache__" not in p.parts}
+    assert on_disk - listed == set(), f"not listed in {module}/CMakeLists.txt"
+    assert listed - on_disk == set(), f"listed but missing in {module}/"
+
+
+def test_top_level_cmake_adds_each_module():
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    for module in MODULES:
+        assert f"add_subdirectory({module})" in text
+    assert 'EXTENSION_DEPENDS "PyTorch"' in text
+
+
+def test_shipped_bundle_is_valid_and_documented():
+    from RANOResponseLib.bundle import default_bundle_path, load_models, read_bundle
+
+    path = default_bundle_path()
+    bundle = read_bundle(path)
+    models = load_models(bundle, "cpu")  # sha256 checked, weights_only load
+    assert len(models) == len(bundle.weights) >= 1
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert size < 25 * 2**20, f"bundle is {size / 2**20:.1f} MB"
+    card = (path / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
+    assert "not for clinical use" in card and "balanced accuracy" in card
+    test = bundle.meta["metrics"]["holdout_test"]
+    assert 0 <= test["balanced_accuracy"] <= 1 and test["n"] > 0
+    assert bundle.meta["training"]["command"].startswith("rano-response train")
+    assert bundle.meta["training"]["device"]
