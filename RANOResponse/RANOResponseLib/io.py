@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -154,7 +155,10 @@ def read_study(folder: Path | str, modalities: Sequence[str] = MODALITIES) -> St
         raise RANOInputError(
             f"{folder}: missing modality {', '.join(missing)} (expected {missing[0]}{{{exts}}})"
         )
-    return Study(folder=folder, images={m: read_image(p) for m, p in files.items()}, files=files)
+    # gzip and nibabel release the GIL while decompressing: read the files side by side
+    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 4)) as pool:
+        images = dict(zip(files, pool.map(read_image, files.values())))
+    return Study(folder=folder, images=images, files=files)
 
 
 def check_distinct_studies(baseline: Path | str, followup: Path | str) -> None:

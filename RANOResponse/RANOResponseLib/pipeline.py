@@ -99,6 +99,21 @@ def _load_models_cached(bundle: Bundle, device: torch.device) -> list[torch.nn.M
 _MODEL_CACHE: dict[str, object] = {}
 
 
+def _folder(study: Path | str | Study) -> Path:
+    return study.folder if isinstance(study, Study) else Path(study)
+
+
+def _as_study(study: Path | str | Study, bundle: Bundle) -> Study:
+    """A loaded study as is; a folder is checked against the bundle's modalities, then read."""
+    if isinstance(study, Study):
+        return study
+    folder = Path(study)
+    if folder.is_dir():
+        found = {m: find_modality_file(folder, m) for m in bundle.spec.modalities}
+        check_study_matches(bundle, {m: p for m, p in found.items() if p}, folder)
+    return read_study(folder, bundle.spec.modalities)
+
+
 def predict_pair(
     baseline: Path | str | Study,
     followup: Path | str | Study,
@@ -117,16 +132,8 @@ def predict_pair(
     dev = resolve_device(device, notice)
 
     t = time.perf_counter()
-    if not isinstance(baseline, Study) or not isinstance(followup, Study):
-        b_path = baseline.folder if isinstance(baseline, Study) else Path(baseline)
-        f_path = followup.folder if isinstance(followup, Study) else Path(followup)
-        check_distinct_studies(b_path, f_path)
-    for study in (baseline, followup):
-        if not isinstance(study, Study) and Path(study).is_dir():
-            found = {m: find_modality_file(Path(study), m) for m in bundle.spec.modalities}
-            check_study_matches(bundle, {m: p for m, p in found.items() if p}, Path(study))
-    base = baseline if isinstance(baseline, Study) else read_study(baseline, bundle.spec.modalities)
-    fu = followup if isinstance(followup, Study) else read_study(followup, bundle.spec.modalities)
+    check_distinct_studies(_folder(baseline), _folder(followup))
+    base, fu = _as_study(baseline, bundle), _as_study(followup, bundle)
     models = _load_models_cached(bundle, dev)
     timings["read"] = time.perf_counter() - t
     progress("read", 0.15)
