@@ -430,7 +430,30 @@ def generate_cohort(
     _demographics(plans, np.random.default_rng(demo_ss)).to_csv(out / DEMOGRAPHICS_CSV, index=False)
     truth_df = pd.DataFrame(truth_rows, columns=list(TRUTH_COLUMNS))
     truth_df.to_csv(out / TRUTH_CSV, index=False)
+    write_recipe(out, config)
     return truth_df
+
+
+RECIPE_JSON = "phantom.json"
+
+
+def phantom_command(config: PhantomConfig, out: Path | str = "DIR") -> str:
+    """The ``rano-response phantom`` command that regenerates this cohort byte for byte."""
+    cmd = (f"rano-response phantom --out {out} --patients {config.patients} --seed {config.seed} "
+           f"--spacing {config.spacing:g} --min-followups {config.min_followups} "
+           f"--max-followups {config.max_followups}")
+    return cmd + ("" if config.quirks else " --no-quirks")
+
+
+def write_recipe(out: Path, config: PhantomConfig) -> Path:
+    """``phantom.json``: the generator config and command, so a trainer can record its data."""
+    import json
+    from dataclasses import asdict
+
+    path = Path(out) / RECIPE_JSON
+    path.write_text(json.dumps({"generator": "RANOResponseLib.phantom", "config": asdict(config),
+                                "command": phantom_command(config)}, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 # --------------------------------------------------------------------------------------------

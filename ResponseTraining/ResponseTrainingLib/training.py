@@ -257,6 +257,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "command": cfg.command,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "command"},
         "data": str(Path(cfg.data).absolute()),
+        "data_source": _data_source(Path(cfg.data)),
         "pairs": {s: int(len(i)) for s, i in idx.items()},
         "patients": {s: int(len(set(groups[i]))) for s, i in idx.items()},
         "best_epoch": state["best_epoch"],
@@ -278,6 +279,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def _data_source(root: Path) -> dict[str, Any] | None:
+    """The phantom recipe (``phantom.json``) when the cohort is synthetic, else None."""
+    recipe = root / "phantom.json"
+    return json.loads(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
+
+
 def model_card(cfg: TrainConfig, prov: dict[str, Any], test: dict[str, Any]) -> str:
     cm = "\n".join("| " + " | ".join([CLASS_NAMES[i]] + [str(v) for v in row]) + " |"
                    for i, row in enumerate(test["confusion_matrix"]))
@@ -289,7 +296,7 @@ def model_card(cfg: TrainConfig, prov: dict[str, Any], test: dict[str, Any]) -> 
   ({', '.join(cfg.modalities)}; follow-up and baseline each), classes {', '.join(CLASS_NAMES)}.
 - Input: follow-up registered rigidly to baseline, resampled to {cfg.size} voxels of {cfg.spacing} mm
   around the brain, z-scored per channel inside the brain.
-- Training data: `{prov['data']}`; pairs train/val/test = {prov['pairs']['train']}/{prov['pairs']['val']}/{prov['pairs']['test']}
+- Training data: `{prov['data']}`{_source_line(prov)}; pairs train/val/test = {prov['pairs']['train']}/{prov['pairs']['val']}/{prov['pairs']['test']}
   from {prov['patients']['train']}/{prov['patients']['val']}/{prov['patients']['test']} patients (grouped by patient,
   stratified by class). Checkpoint chosen on the validation patients (epoch {prov['best_epoch']} of {prov['epochs_run']}).
 - Trained on: {prov['device']}, torch {prov['torch']}, {prov['date']}.
@@ -315,6 +322,11 @@ Confusion matrix (rows true, columns predicted: {', '.join(CLASS_NAMES)}):
 Phantom lesions are simple; performance on real MRI is unknown. Labels are computed from the
 measured change in the enhancing lesions' sum of bidimensional products against the previous scan.
 """
+
+
+def _source_line(prov: dict[str, Any]) -> str:
+    src = prov.get("data_source")
+    return f", generated with `{src['command']}`" if src else ""
 
 
 def _fmt(v: Any) -> str:
