@@ -28,6 +28,9 @@ from RANOResponseLib.preprocessing import (
 )
 
 
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
 def _mean_error_mm(points: np.ndarray, recovered: sitk.Transform, truth: sitk.Transform) -> np.ndarray:
     """|truth(recovered(p)) - p| for each baseline point p: 0 for a perfect registration."""
     return np.array([np.linalg.norm(np.array(truth.TransformPoint(recovered.TransformPoint(p.tolist()))) - p)
@@ -114,7 +117,7 @@ def test_prepare_pair_shape_order_and_transform(known_motion):
     assert pp.channels == SHUFFLED
     assert pp.grid.GetSize() == size
     assert pp.grid.GetSpacing() == (3.0, 3.0, 3.0)
-    assert pp.grid.GetDirection() == known_motion.baseline.images["CT1"].GetDirection()
+    assert pp.grid.GetDirection() == IDENTITY
 
     expected = []
     for ch in SHUFFLED:
@@ -129,12 +132,12 @@ def test_prepare_pair_shape_order_and_transform(known_motion):
 
 
 def test_model_grid_is_centred_on_the_brain(known_motion):
-    """The grid has the spec's size/spacing, the reference's direction, and is centred on the brain."""
+    """The grid has the spec's size/spacing, LPS axes (identity direction), and is centred on the brain."""
     ref = known_motion.baseline.images["CT1"]
     grid = model_grid(ref, (6.0, 5.0, 4.0), (16, 20, 24))
     assert grid.GetSize() == (16, 20, 24)
     assert grid.GetSpacing() == (6.0, 5.0, 4.0)
-    assert grid.GetDirection() == ref.GetDirection()
+    assert grid.GetDirection() == IDENTITY
     arr = sitk.GetArrayViewFromImage(ref)
     nz = np.nonzero(arr)
     lo = ref.TransformIndexToPhysicalPoint([int(nz[2].min()), int(nz[1].min()), int(nz[0].min())])
@@ -142,6 +145,21 @@ def test_model_grid_is_centred_on_the_brain(known_motion):
     brain_centre = (np.array(lo) + np.array(hi)) / 2
     grid_centre = grid.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in grid.GetSize()])
     np.testing.assert_allclose(grid_centre, brain_centre, atol=1e-6)
+
+
+def test_network_input_does_not_depend_on_storage_orientation(known_motion):
+    """The same studies stored RPI-ordered (another direction matrix and voxel order, same
+    anatomy) give the same network input: the model grid is defined in physical LPS space."""
+    spec = InputSpec(("CT1", "T1", "T2", "FLAIR"), SHUFFLED, spacing=(3.0, 3.0, 3.0), size=(36, 44, 40))
+
+    def reoriented(study: Study) -> Study:
+        return Study(study.folder, {m: sitk.DICOMOrient(img, "RPI") for m, img in study.images.items()})
+
+    base_ras, fu_ras = reoriented(known_motion.baseline), reoriented(known_motion.followup)
+    assert base_ras.images["CT1"].GetDirection() != known_motion.baseline.images["CT1"].GetDirection()
+    a = prepare_pair(known_motion.baseline, known_motion.followup, known_motion.transform, spec).array
+    b = prepare_pair(base_ras, fu_ras, known_motion.transform, spec).array
+    np.testing.assert_allclose(a, b, atol=1e-3)
 
 
 def test_model_grid_refuses_empty_reference(known_motion):

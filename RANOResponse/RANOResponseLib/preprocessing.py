@@ -178,22 +178,25 @@ def _as_euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
 
 
 def model_grid(reference: sitk.Image, spacing: Sequence[float], size: Sequence[int]) -> sitk.Image:
-    """An empty image defining the model grid: ``size`` voxels of ``spacing`` mm, with the
-    reference's direction, centred on the bounding box of the reference's brain."""
+    """An empty image defining the model grid: ``size`` voxels of ``spacing`` mm, axis-aligned
+    in LPS (identity direction), centred on the bounding box of the reference's brain.
+
+    The grid's orientation does not follow the reference's storage order, so the network sees
+    the same anatomy orientation whether a study was stored RAS, LPS or oblique.
+    """
     arr = sitk.GetArrayViewFromImage(reference)
     nz = np.nonzero(arr)
     if len(nz[0]) == 0:
         raise RANOInputError("reference image has no brain voxels")
-    # index (x, y, z) of the bounding-box centre
-    centre_idx = [(float(nz[axis].min()) + float(nz[axis].max())) / 2 for axis in (2, 1, 0)]
-    centre = np.array(reference.TransformContinuousIndexToPhysicalPoint(centre_idx))
-    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
+    hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
+    corners = np.array([reference.TransformContinuousIndexToPhysicalPoint([c[0], c[1], c[2]])
+                        for c in np.array(np.meshgrid(*zip(lo, hi))).T.reshape(-1, 3)])
+    centre = (corners.min(0) + corners.max(0)) / 2
     half = (np.array(size, float) - 1) / 2 * np.array(spacing, float)
-    origin = centre - direction @ half
     grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     grid.SetSpacing([float(s) for s in spacing])
-    grid.SetDirection(reference.GetDirection())
-    grid.SetOrigin([float(v) for v in origin])
+    grid.SetOrigin([float(v) for v in centre - half])
     return grid
 
 
