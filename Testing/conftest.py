@@ -2,9 +2,8 @@
 
 Everything here is small on purpose (the whole suite runs on 2 CPU cores in a few minutes):
 
-* ``case_pair``: one baseline / follow-up pair of study folders on disk, from the phantom cohort
-  (Patient-001, post-op ``week-000-2`` and the first rated follow-up, 4 mm voxels). If the phantom
-  generator is unusable, an ICBM152-based pair is written instead (with a warning).
+* ``case_pair``: one baseline / follow-up pair of study folders on disk, the demo's phantom case
+  (Patient-001, post-op ``week-000-2`` and the first rated follow-up) at 4 mm voxels.
 * ``known_motion``: an in-memory pair built from the ICBM152 template shipped in the nilearn
   wheel, whose follow-up is the baseline anatomy moved by a *known* rigid transform.
 * ``tiny_bundle`` / ``tiny_models``: a compact DenseNet bundle with random weights on a 32^3,
@@ -16,12 +15,10 @@ Session fixtures are shared between tests: tests must never modify what they ret
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import struct
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +31,7 @@ import torch
 
 from RANOResponseLib import CLASS_NAMES, MODALITIES
 from RANOResponseLib.io import Study, read_study
+from RANOResponseLib.phantom import template_dir
 from RANOResponseLib.preprocessing import InputSpec, default_channels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,13 +43,6 @@ COMPACT = "compact"
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def template_folder() -> Path:
-    """The nilearn wheel's data folder holding the ICBM152 2009a templates (never imports nilearn)."""
-    spec = importlib.util.find_spec("nilearn")
-    assert spec is not None and spec.submodule_search_locations, "nilearn is not installed"
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
 def modality_file(folder: Path, modality: str) -> Path:
@@ -178,7 +169,7 @@ def build_icbm_images() -> dict[str, sitk.Image]:
     T1 is the T1 template, CT1 adds an 'enhancing' blob, T2 and FLAIR are the GM and WM maps;
     background is exactly 0 everywhere (the brain masks rely on it).
     """
-    d = template_folder()
+    d = template_dir()
     t1 = sitk.Cast(sitk.ReadImage(str(d / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")), sitk.sitkFloat32)
     gm = sitk.Cast(sitk.ReadImage(str(d / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")), sitk.sitkFloat32)
     wm = sitk.Cast(sitk.ReadImage(str(d / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")), sitk.sitkFloat32)
@@ -231,19 +222,6 @@ def known_motion(icbm_hires) -> KnownMotion:
     return KnownMotion(baseline, followup, T, pts)
 
 
-def write_icbm_pair(hires: dict[str, sitk.Image], root: Path, spacing: float = 4.0) -> tuple[Path, Path]:
-    base_grid = icbm_grid(hires["T1"], spacing)
-    fu_grid = icbm_grid(hires["T1"], spacing, shift=(3.0, -2.0, 1.0), pad=2)
-    pair = []
-    for name, grid, tf in (("baseline", base_grid, None), ("followup", fu_grid, known_transform(base_grid))):
-        study = icbm_study(hires, grid, tf, root / name)
-        study.folder.mkdir(parents=True, exist_ok=True)
-        for m, img in study.images.items():
-            sitk.WriteImage(sitk.Cast(sitk.Round(img * 10), sitk.sitkInt16), str(study.folder / f"{m}.nii.gz"))
-        pair.append(study.folder)
-    return pair[0], pair[1]
-
-
 # ------------------------------------------------------------------------------- case pair
 
 
@@ -251,36 +229,15 @@ def write_icbm_pair(hires: dict[str, sitk.Image], root: Path, spacing: float = 4
 class CasePair:
     baseline: Path
     followup: Path
-    source: str  # "phantom" or "icbm"
 
 
 @pytest.fixture(scope="session")
-def case_pair(tmp_path_factory, request) -> CasePair:
-    """Patient-001's post-op study and its first follow-up from a 1-patient, 4 mm phantom cohort.
+def case_pair(tmp_path_factory) -> CasePair:
+    """The demo's case pair (post-op study and first follow-up of a 1-patient phantom), at 4 mm."""
+    from RANOResponseLib.demo import demo_case
 
-    Falls back to an ICBM152 pair (4 mm, known motion) if the phantom generator fails, or when the
-    environment variable RANO_TESTS_ICBM_PAIR is set.
-    """
-    root = tmp_path_factory.mktemp("cohort")
-    try:
-        if os.environ.get("RANO_TESTS_ICBM_PAIR"):  # exercise the fallback on purpose
-            raise RuntimeError("RANO_TESTS_ICBM_PAIR is set")
-        from RANOResponseLib.phantom import PhantomConfig, generate_cohort
-
-        generate_cohort(root, PhantomConfig(patients=1, seed=7, spacing=4.0, min_followups=1,
-                                            max_followups=1, quirks=False))
-        patient = root / "Imaging" / "Patient-001"
-        baseline = patient / "week-000-2"
-        followups = sorted(p for p in patient.iterdir() if p.is_dir() and not p.name.startswith("week-000-"))
-        followup = followups[0]
-        for folder in (baseline, followup):
-            for m in MODALITIES:
-                modality_file(folder, m)
-        return CasePair(baseline, followup, "phantom")
-    except Exception as e:  # noqa: BLE001 - the phantom is someone else's work in progress
-        warnings.warn(f"phantom cohort unusable ({type(e).__name__}: {e}); using an ICBM152 pair instead")
-        b, f = write_icbm_pair(request.getfixturevalue("icbm_hires"), root / "icbm")
-        return CasePair(b, f, "icbm")
+    baseline, followup, _ = demo_case(tmp_path_factory.mktemp("cohort"), seed=7, spacing=4.0)
+    return CasePair(baseline, followup)
 
 
 @pytest.fixture(scope="session")
