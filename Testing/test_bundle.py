@@ -347,3 +347,15 @@ def test_predict_needs_only_bundle_modalities(tmp_path, case_pair, two_modality_
     assert result.bundle.spec.reference_modality == "T1"
     assert result.prepared.array.shape[0] == 4
     assert np.isclose(sum(result.probabilities.values()), 1.0, atol=1e-5)
+
+
+def test_rewriting_a_bundle_replaces_it_whole(tmp_path):
+    """Writing a single-model bundle over a 2-model ensemble leaves no stale member behind, and
+    nothing half-written is left beside the folder."""
+    out = tmp_path / "bundle"
+    make_bundle(out, n_models=2)
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "weights-0.pt", "weights-1.pt"]
+    make_bundle(out, n_models=1, seed=3)
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "weights.pt"]
+    assert len(read_bundle(out).weights) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

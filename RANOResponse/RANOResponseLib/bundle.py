@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import CLASS_NAMES, MODALITIES
 from .errors import BundleError
+from .io import atomic_output_dir
 from .preprocessing import NORMALIZATIONS, Channel, InputSpec
 
 FORMAT = "rano-response-bundle"
@@ -221,9 +220,9 @@ def write_bundle(
     import torch
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    previous = [p.name for p in out.iterdir()] if out.is_dir() else []
+    # staged, then moved in; whatever an earlier bundle left there (more ensemble members) goes
+    with atomic_output_dir(out, owned=previous) as stage:
         weights = []
         for i, sd in enumerate(state_dicts):
             name = "weights.pt" if len(state_dicts) == 1 else f"weights-{i}.pt"
@@ -250,14 +249,5 @@ def write_bundle(
         (stage / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if model_card:
             (stage / "MODEL_CARD.md").write_text(model_card, encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     read_bundle(out)  # what we wrote must load
     return out

@@ -183,31 +183,33 @@ def _first_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------- writing
 
 
-def write_image(image: sitk.Image, path: Path | str) -> Path:
-    """Write an image through a temporary name in the same folder, then rename it."""
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffixes, so writers pick the right format);
+    once the block succeeds it is renamed onto ``path``, on error it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
     try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_image(image: sitk.Image, path: Path | str) -> Path:
+    """Write a (compressed) image atomically."""
+    with atomic_file(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    return Path(path)
 
 
 def write_text(text: str, path: Path | str) -> Path:
     """Write a text file atomically (temporary name, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
 
 
 @contextlib.contextmanager
@@ -239,7 +241,8 @@ def atomic_output_dir(out: Path | str, owned: Sequence[str] = ()) -> Iterator[Pa
                 shutil.rmtree(target)
             os.replace(p, target)
         for name in set(owned) - produced:
-            (out / name).unlink(missing_ok=True)
+            stale = out / name
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

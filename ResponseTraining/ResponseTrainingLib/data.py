@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from RANOResponseLib.io import read_study
+from RANOResponseLib.io import atomic_file, read_study
 from RANOResponseLib.preprocessing import InputSpec, prepare_pair, register_rigid
 
 from .lumiere import Pair
@@ -45,9 +44,8 @@ def cache_pairs(pairs: Sequence[Pair], spec: InputSpec, cache_dir: Path, progres
         path = cache_dir / f"{pair.id}.npy"
         if not path.exists():
             arr = preprocess_pair(pair, spec).astype(np.float16)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                np.save(tmp, arr)
         paths.append(path)
     return paths
 

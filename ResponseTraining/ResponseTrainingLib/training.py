@@ -8,7 +8,6 @@ validation patients only. It checkpoints every epoch atomically and resumes afte
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shlex
 import sys
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from RANOResponseLib import CLASS_NAMES
 from RANOResponseLib.bundle import write_bundle
-from RANOResponseLib.io import write_text
+from RANOResponseLib.io import atomic_file, write_text
 from RANOResponseLib.model import GRADCAM_LAYERS, architecture_args, build_network, resolve_device
 from RANOResponseLib.preprocessing import InputSpec, default_channels
 
@@ -123,9 +122,8 @@ def _augmenter(seed: int):
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @torch.no_grad()
