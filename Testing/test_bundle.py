@@ -3,7 +3,7 @@
 Guards RANOResponseLib.bundle: a bundle written with write_bundle reads back identically; every
 malformed bundle.json is a BundleError naming the file; weights whose bytes changed are refused
 before torch ever unpickles them; weights never run code; float16 weights come back as float32;
-and a study lacking a modality the bundle needs is refused naming the modality.
+and a study lacking a modality the bundle needs is refused naming the modality and the bundle.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from RANOResponseLib import CLASS_NAMES
 from RANOResponseLib.bundle import (
     BUNDLE_ENV,
     Bundle,
-    check_study_matches,
     default_bundle_path,
     load_models,
     read_bundle,
@@ -30,6 +29,7 @@ from RANOResponseLib.bundle import (
     write_bundle,
 )
 from RANOResponseLib.errors import BundleError, RANOInputError
+from RANOResponseLib.io import read_study
 from RANOResponseLib.model import GRADCAM_LAYERS, architecture_args
 
 
@@ -302,15 +302,18 @@ def test_missing_bundle_is_refused(tmp_path):
 # ----------------------------------------------------------------- bundle vs study modalities
 
 
-def test_check_study_matches_names_missing_modality(tiny_models, tmp_path):
-    """A study lacking a modality the bundle needs is refused, naming the modality and the folder."""
+def test_study_missing_a_bundle_modality_names_modality_folder_and_bundle(tiny_models, tmp_path, case_pair):
+    """A study lacking a modality the bundle needs is refused, naming the modality, the folder
+    and the bundle; with the modality present it reads."""
     bundle, _ = tiny_models
-    available = {m: tmp_path / f"{m}.nii.gz" for m in ("CT1", "T1", "T2")}
-    with pytest.raises(BundleError) as info:
-        check_study_matches(bundle, available, tmp_path)
+    study = copy_study(case_pair.followup, tmp_path / "fu")
+    modality_file(study, "FLAIR").unlink()
+    with pytest.raises(RANOInputError) as info:
+        read_study(study, bundle.spec.modalities, required_by=f"bundle '{bundle.id}'")
     assert "FLAIR" in str(info.value)
-    assert str(tmp_path) in str(info.value)
-    check_study_matches(bundle, {**available, "FLAIR": tmp_path / "FLAIR.nii.gz"}, tmp_path)
+    assert str(study) in str(info.value)
+    assert bundle.id in str(info.value)
+    assert set(read_study(case_pair.followup, bundle.spec.modalities).images) == set(bundle.spec.modalities)
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +333,7 @@ def test_predict_refuses_study_without_bundle_modality(tmp_path, case_pair, two_
         predict_pair(case_pair.baseline, fu, two_modality_bundle, device="cpu", attributions=False)
     assert "FLAIR" in str(info.value)
     assert str(fu) in str(info.value)
+    assert "t1-flair" in str(info.value)  # the bundle that needs it
 
 
 def test_predict_needs_only_bundle_modalities(tmp_path, case_pair, two_modality_bundle):

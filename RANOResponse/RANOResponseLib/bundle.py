@@ -189,16 +189,6 @@ def gradcam_layer_exists(model: Any, name: str) -> bool:
     return name in dict(model.named_modules())
 
 
-def check_study_matches(bundle: Bundle, available: Mapping[str, Path], folder: Path) -> None:
-    """Refuse a study that lacks a modality the bundle needs (message names both)."""
-    missing = [m for m in bundle.spec.modalities if m not in available]
-    if missing:
-        raise BundleError(
-            f"{folder}: bundle '{bundle.id}' needs {', '.join(bundle.spec.modalities)} but "
-            f"{', '.join(missing)} is missing"
-        )
-
-
 def write_bundle(
     out: Path | str,
     *,

@@ -137,8 +137,9 @@ def read_image(path: Path | str) -> sitk.Image:
     return image
 
 
-def read_study(folder: Path | str, modalities: Sequence[str] = MODALITIES) -> Study:
-    """Read the given modalities of one study folder; a missing one is an error naming it."""
+def read_study(folder: Path | str, modalities: Sequence[str] = MODALITIES, required_by: str = "") -> Study:
+    """Read the given modalities of one study folder; a missing one is an error naming it
+    (and ``required_by``, e.g. the bundle that needs it)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise RANOInputError(f"{folder}: study folder not found")
@@ -152,8 +153,9 @@ def read_study(folder: Path | str, modalities: Sequence[str] = MODALITIES) -> St
             files[m] = p
     if missing:
         exts = "/".join(EXTENSIONS)
+        needed = f", needed by {required_by}" if required_by else ""
         raise RANOInputError(
-            f"{folder}: missing modality {', '.join(missing)} (expected {missing[0]}{{{exts}}})"
+            f"{folder}: missing modality {', '.join(missing)} (expected {missing[0]}{{{exts}}}{needed})"
         )
     # gzip and nibabel release the GIL while decompressing: read the files side by side
     with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 4)) as pool:

@@ -18,12 +18,11 @@ import torch
 
 from . import __version__
 from .attributions import Prediction, predict, predict_with_maps
-from .bundle import Bundle, check_study_matches, load_models, read_bundle
+from .bundle import Bundle, load_models, read_bundle
 from .io import (
     Study,
     atomic_output_dir,
     check_distinct_studies,
-    find_modality_file,
     read_study,
     write_image,
     write_text,
@@ -104,14 +103,10 @@ def _folder(study: Path | str | Study) -> Path:
 
 
 def _as_study(study: Path | str | Study, bundle: Bundle) -> Study:
-    """A loaded study as is; a folder is checked against the bundle's modalities, then read."""
+    """A loaded study as is; a folder is read with the bundle's modalities."""
     if isinstance(study, Study):
         return study
-    folder = Path(study)
-    if folder.is_dir():
-        found = {m: find_modality_file(folder, m) for m in bundle.spec.modalities}
-        check_study_matches(bundle, {m: p for m, p in found.items() if p}, folder)
-    return read_study(folder, bundle.spec.modalities)
+    return read_study(study, bundle.spec.modalities, required_by=f"bundle '{bundle.id}'")
 
 
 def predict_pair(
