@@ -110,17 +110,10 @@ def _bad_file(kind: str, tmp_path: Path, ct1: Path, ct1_array: np.ndarray) -> tu
         data = ct1.read_bytes()
         p.write_bytes(data[: len(data) // 2])
         return p, "truncated"
-    if kind == "truncated_nii":
-        p = tmp_path / "cut.nii"
-        full = tmp_path / "full.nii"
-        sitk.WriteImage(sitk.ReadImage(str(ct1)), str(full))
-        data = full.read_bytes()
-        p.write_bytes(data[: len(data) // 2])
-        return p, "truncated"
-    if kind == "truncated_nrrd":
-        p = tmp_path / "cut.nrrd"
-        full = tmp_path / "full.nrrd"
-        sitk.WriteImage(sitk.ReadImage(str(ct1)), str(full), useCompression=True)
+    if kind in ("truncated_nii", "truncated_nrrd"):
+        ext = ".nii" if kind == "truncated_nii" else ".nrrd"
+        p, full = tmp_path / f"cut{ext}", tmp_path / f"full{ext}"
+        sitk.WriteImage(sitk.ReadImage(str(ct1)), str(full), useCompression=ext == ".nrrd")
         data = full.read_bytes()
         p.write_bytes(data[: len(data) // 2])
         return p, "truncated"

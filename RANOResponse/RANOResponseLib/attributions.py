@@ -51,7 +51,8 @@ def capture_activation(model: torch.nn.Module, layer: str) -> Iterator[list[torc
         handle.remove()
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """float16 autocast on CUDA, nothing elsewhere (the one place that policy is set)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
@@ -66,7 +67,7 @@ def predict(models: Sequence[torch.nn.Module], x: torch.Tensor) -> Prediction:
     """Probabilities only (no gradients): the cheap path."""
     device = x.device
     t0 = time.perf_counter()
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         probs = torch.stack([F.softmax(m(x).float(), dim=1)[0] for m in models])
     _sync(device)
     mean = probs.mean(0).cpu().numpy()
@@ -87,7 +88,7 @@ def predict_with_maps(
     x = x.detach().clone().requires_grad_(True)
     t0 = time.perf_counter()
     logits, acts = [], []
-    with torch.enable_grad(), _autocast(device):
+    with torch.enable_grad(), autocast(device):
         for m in models:
             with capture_activation(m, layer) as store:
                 logits.append(m(x).float()[0])

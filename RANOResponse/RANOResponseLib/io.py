@@ -13,6 +13,7 @@ taken from SimpleITK's header reader so that it is exactly what ITK (and Slicer)
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import shutil
 import tempfile
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
 
 from . import MODALITIES
 from .errors import RANOInputError
@@ -68,10 +71,6 @@ def _read_nifti_voxels(path: Path) -> np.ndarray:
     (nibabel alone stops once it has the voxel bytes and never reads the trailer, so flipped
     bytes or a lost trailer would pass). One decompression serves both the check and the decode.
     """
-    import gzip
-
-    import nibabel as nib
-
     if path.name.lower().endswith(".gz"):
         with gzip.open(path, "rb") as fh:
             data = fh.read()
@@ -124,7 +123,7 @@ def read_image(path: Path | str) -> sitk.Image:
             arr = sitk.GetArrayViewFromImage(image)
     except RANOInputError:
         raise
-    except (EOFError, OSError, ValueError, RuntimeError, nib_errors()) as e:
+    except (EOFError, OSError, ValueError, RuntimeError, ImageFileError) as e:
         raise RANOInputError(f"{path}: truncated or corrupt image data ({_first_line(e)})") from None
     if min(arr.shape) < 2:
         raise RANOInputError(f"{path}: not a 3D image (size {'x'.join(map(str, size))})")
@@ -168,12 +167,6 @@ def check_distinct_studies(baseline: Path | str, followup: Path | str) -> None:
     b, f = Path(baseline), Path(followup)
     if b.exists() and f.exists() and os.path.samefile(b, f):
         raise RANOInputError(f"{f}: follow-up is the same folder as the baseline ({b})")
-
-
-def nib_errors() -> type[Exception]:
-    from nibabel.filebasedimages import ImageFileError
-
-    return ImageFileError
 
 
 def _first_line(e: BaseException) -> str:

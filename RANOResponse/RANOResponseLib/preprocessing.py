@@ -8,6 +8,7 @@ physical space. Maps computed on that grid are resampled back onto the baseline 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -190,8 +191,8 @@ def model_grid(reference: sitk.Image, spacing: Sequence[float], size: Sequence[i
         raise RANOInputError("reference image has no brain voxels")
     lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
     hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
-    corners = np.array([reference.TransformContinuousIndexToPhysicalPoint([c[0], c[1], c[2]])
-                        for c in np.array(np.meshgrid(*zip(lo, hi))).T.reshape(-1, 3)])
+    corners = np.array([reference.TransformContinuousIndexToPhysicalPoint(c)
+                        for c in itertools.product(*zip(lo, hi))])
     centre = (corners.min(0) + corners.max(0)) / 2
     half = (np.array(size, float) - 1) / 2 * np.array(spacing, float)
     grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from RANOResponseLib import CLASS_NAMES
+from RANOResponseLib.attributions import autocast
 from RANOResponseLib.bundle import write_bundle
 from RANOResponseLib.io import atomic_file, write_text
 from RANOResponseLib.model import GRADCAM_LAYERS, architecture_args, build_network, resolve_device
@@ -133,7 +134,7 @@ def predict_arrays(model: torch.nn.Module, x: np.ndarray, device: torch.device, 
     out = []
     for i in range(0, len(x), batch):
         xb = torch.from_numpy(x[i:i + batch].astype(np.float32)).to(device)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        with autocast(device):
             out.append(F.softmax(model(xb).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)))
 
@@ -213,7 +214,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             xb = torch.from_numpy(xb).to(device)
             yb = torch.from_numpy(labels[sel]).to(device)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            with autocast(device):
                 loss = F.cross_entropy(model(xb).float(), yb, weight=loss_w)
             scaler.scale(loss).backward()
             scaler.step(opt)
