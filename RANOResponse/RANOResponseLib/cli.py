@@ -121,8 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (Cancel in Slicer, a job scheduler) unwinds like Ctrl-C, so staging folders and
+    temporary files are removed by their ``finally`` blocks instead of being left behind."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _stop_cleanly_on_sigterm()
     try:
         if argv and argv[0] == "train":
             return _cmd_train(argv[1:])
