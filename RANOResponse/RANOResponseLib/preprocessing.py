@@ -19,6 +19,7 @@ from .errors import RANOInputError
 from .io import Study
 
 TIMEPOINTS = ("followup", "baseline")
+DIFFERENCE = "difference"  # a channel kind: z-scored follow-up minus z-scored baseline
 NORMALIZATIONS = ("zscore",)
 
 
@@ -27,7 +28,7 @@ class Channel:
     """One input channel of the network: a modality at a timepoint."""
 
     modality: str
-    timepoint: str  # "followup" or "baseline"
+    timepoint: str  # "followup", "baseline" or "difference" (follow-up minus baseline)
 
     def __str__(self) -> str:
         return f"{self.modality}:{self.timepoint}"
@@ -35,14 +36,19 @@ class Channel:
     @classmethod
     def parse(cls, text: str) -> "Channel":
         modality, _, timepoint = text.partition(":")
-        if timepoint not in TIMEPOINTS or not modality:
-            raise ValueError(f"channel {text!r} is not '<modality>:followup|baseline'")
+        if timepoint not in (*TIMEPOINTS, DIFFERENCE) or not modality:
+            raise ValueError(f"channel {text!r} is not '<modality>:followup|baseline|difference'")
         return cls(modality, timepoint)
 
 
 def default_channels(modalities: Sequence[str]) -> list[Channel]:
     """The reference study's order: for each modality ``[follow-up, baseline]``."""
     return [Channel(m, t) for m in modalities for t in TIMEPOINTS]
+
+
+def difference_channels(modalities: Sequence[str]) -> list[Channel]:
+    """The subtraction variant: per modality one channel, follow-up minus baseline."""
+    return [Channel(m, DIFFERENCE) for m in modalities]
 
 
 @dataclass(frozen=True)
@@ -250,14 +256,26 @@ def prepare_pair(
     grid = model_grid(reference, spec.spacing, spec.size)
     resampled: dict[str, sitk.Image] = {}
     planes = []
+    normed: dict[str, np.ndarray] = {}
+
+    def plane(modality: str, timepoint: str) -> np.ndarray:
+        key = f"{modality}:{timepoint}"
+        if key in normed:  # a modality used both stacked and as a difference: resampled once
+            return normed[key]
+        study = followup if timepoint == "followup" else baseline
+        if modality not in study.images:
+            raise RANOInputError(f"{study.folder}: missing modality {modality} required by the model")
+        t = transform if timepoint == "followup" else None
+        img = resample(shrink_to(study.images[modality], spec.spacing), grid, t)
+        resampled[key] = img
+        normed[key] = normalize(sitk.GetArrayFromImage(img), spec.normalization, spec.clip)
+        return normed[key]
+
     for ch in spec.channels:
-        study = followup if ch.timepoint == "followup" else baseline
-        if ch.modality not in study.images:
-            raise RANOInputError(f"{study.folder}: missing modality {ch.modality} required by the model")
-        t = transform if ch.timepoint == "followup" else None
-        img = resample(shrink_to(study.images[ch.modality], spec.spacing), grid, t)
-        resampled[str(ch)] = img
-        planes.append(normalize(sitk.GetArrayFromImage(img), spec.normalization, spec.clip))
+        if ch.timepoint == DIFFERENCE:  # both z-scored on their own, then subtracted
+            planes.append(plane(ch.modality, "followup") - plane(ch.modality, "baseline"))
+        else:
+            planes.append(plane(ch.modality, ch.timepoint))
     return PreparedPair(np.stack(planes).astype(np.float32), grid, tuple(spec.channels), resampled)
 
 
