@@ -17,6 +17,9 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "densenet169": {"init_features": 64, "growth_rate": 32, "block_config": [6, 12, 32, 32]},
     "densenet264": {"init_features": 64, "growth_rate": 32, "block_config": [6, 12, 64, 48]},
     "compact": {"init_features": 16, "growth_rate": 8, "block_config": [4, 8, 6], "bn_size": 2},
+    # 2.5D: k axial slices through the model grid's centre (the brain's centre) stacked as the
+    # channels of a timm 2D backbone; see Slices25D.
+    "timm25d": {"backbone": "resnet18", "slices": 5, "slice_step": 4},
 }
 
 # Grad-CAM target per preset: the last dense block's output. It is not modified in place
@@ -26,6 +29,7 @@ GRADCAM_LAYERS = {
     "densenet169": "features.denseblock4",
     "densenet264": "features.denseblock4",
     "compact": "features.denseblock3",
+    "timm25d": "cam",
 }
 
 
@@ -46,6 +50,8 @@ def build_network(name: str, backend: str = "native", **args: Any) -> nn.Module:
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r} (known: {', '.join(ARCHITECTURES)})")
+    if name == "timm25d":
+        return Slices25D(**args)
     args = dict(args)
     args["block_config"] = tuple(args.get("block_config", ARCHITECTURES[name]["block_config"]))
     if backend == "monai":
@@ -141,6 +147,49 @@ class DenseNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.class_layers(self.features(x))
+
+
+class _Lift3D(nn.Module):
+    """(B, F, h, w) -> (B, F, 1, h, w): lets the 3D Grad-CAM code treat 2D features as a slab."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(2)
+
+
+class Slices25D(nn.Module):
+    """2.5D classifier: ``slices`` axial slices, ``slice_step`` voxels apart, centred on the model
+    grid's middle slice (the grid is centred on the brain), with all their channels stacked,
+    through a timm 2D CNN (``timm.create_model(backbone, in_chans=C * slices)``).
+
+    It takes the same (B, C, z, y, x) input as the 3D networks, so bundles, ``predict`` and the
+    maps work unchanged; Grad-CAM uses the backbone's last feature map (module ``cam``), spread
+    over the slab's depth.
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 8, out_channels: int = 4,
+                 backbone: str = "resnet18", slices: int = 5, slice_step: int = 4,
+                 pretrained_file: str | None = None, **timm_args: Any) -> None:
+        super().__init__()
+        import timm  # optional dependency: only 2.5D bundles need it
+
+        self.slices, self.slice_step = int(slices), int(slice_step)
+        kwargs: dict[str, Any] = dict(in_chans=in_channels * self.slices, num_classes=out_channels, **timm_args)
+        if pretrained_file:  # transfer learning from a local weights file only (never downloads)
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_file)})
+        self.net = timm.create_model(backbone, **kwargs)
+        self.cam = _Lift3D()
+
+    def slice_index(self, depth: int) -> torch.Tensor:
+        offsets = (torch.arange(self.slices) - (self.slices - 1) / 2) * self.slice_step
+        return (depth // 2 + offsets).round().long().clamp(0, depth - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, z, y, w = x.shape
+        x2 = x[:, :, self.slice_index(z).to(x.device)].reshape(b, c * self.slices, y, w)
+        feat = self.net.forward_features(x2)
+        if feat.ndim != 4:
+            raise ValueError("Slices25D needs a CNN backbone with (B, F, h, w) features")
+        return self.net.forward_head(self.cam(feat).squeeze(2))
 
 
 def resolve_device(spec: str = "auto", notice: Callable[[str], None] | None = None) -> torch.device:
