@@ -1,28 +1,43 @@
 """RANOResponse: the clinical 3D Slicer module.
 
-Thin on purpose: the work is done by RANOResponseLib (no Qt), which the CLI and the training
-module share. This first version picks two study folders and runs the core on them in a
-background process, then loads the maps over the baseline. The full module (scene logic with
-transform/ROI/table nodes, parameter node, device choice, progress and cancel) is tracked in
-the issue "The Slicer modules".
+Thin on purpose. Everything that computes or touches the scene lives in RANOResponseLib (no Qt,
+tested in pytest on the real MRML of the ``slicer-core`` wheel); this file wires the UI to it:
+
+* scene.py     load studies into volume nodes, transform / ROI / map / table nodes, overlays
+* runner.py    Apply: ``rano-response predict`` in a child process, then its outputs into the scene
+* process.py   the child process (progress, cancel) and the device choice with CPU fallback
+* review.py, measurement*.py, rano_rules.py, report.py   the review panel
 """
 
-from __future__ import annotations
-
-import json
 import os
 import sys
-import tempfile
+from pathlib import Path
+from typing import Annotated
 
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+from slicer import (
+    vtkMRMLLinearTransformNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLTableNode,
+)
 
-sys.path.insert(0, os.path.dirname(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (_HERE, os.path.join(os.path.dirname(_HERE), "ResponseTraining")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+MODALITIES = ("CT1", "T1", "T2", "FLAIR")
+MAP_NAMES = ("Grad-CAM", "Saliency")
 
 
 class RANOResponse(ScriptedLoadableModule):
@@ -30,90 +45,493 @@ class RANOResponse(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         parent.title = "RANO Response"
         parent.categories = ["Quantification"]
+        parent.dependencies = []
         parent.contributors = ["RANOResponse developers"]
         parent.helpText = (
             "Classifies glioblastoma response (CR/PR/SD/PD) between a baseline and a follow-up study "
-            "(CT1, T1, T2, FLAIR) and overlays saliency and Grad-CAM maps. Research use only."
+            "(CT1, T1, T2, FLAIR) and overlays saliency and Grad-CAM maps. Research use only, not for "
+            "clinical use."
         )
         parent.acknowledgementText = "Method after Matoso et al. 2025 (DenseNet on paired MRI, LUMIERE)."
 
 
-class RANOResponseWidget(ScriptedLoadableModuleWidget):
-    """Two folder pickers, a device choice and Apply; everything else is the logic's."""
+@parameterNodeWrapper
+class RANOResponseParameterNode:
+    """The module's state; saved with the scene, so a reopened scene shows the same inputs.
 
+    (No ``from __future__ import annotations`` in this file: the wrapper reads these types.)"""
+
+    baselineFolder: Path
+    followupFolder: Path
+    baselineCT1: vtkMRMLScalarVolumeNode
+    baselineT1: vtkMRMLScalarVolumeNode
+    baselineT2: vtkMRMLScalarVolumeNode
+    baselineFLAIR: vtkMRMLScalarVolumeNode
+    followupCT1: vtkMRMLScalarVolumeNode
+    followupT1: vtkMRMLScalarVolumeNode
+    followupT2: vtkMRMLScalarVolumeNode
+    followupFLAIR: vtkMRMLScalarVolumeNode
+    bundle: Path
+    roi: vtkMRMLMarkupsROINode
+    mapName: Annotated[str, Choice(list(MAP_NAMES))] = "Grad-CAM"
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
+    worklist: Path
+    reviewDatabase: Path
+    reviewer: str
+    # results of the last Apply (not shown as inputs)
+    transform: vtkMRMLLinearTransformNode
+    gradcam: vtkMRMLScalarVolumeNode
+    saliency: vtkMRMLScalarVolumeNode
+    table: vtkMRMLTableNode
+
+
+class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Wires RANOResponse.ui to RANOResponseLogic; computes nothing itself."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = None
+        self._review = None
+
+    # ------------------------------------------------------------------ setup
     def setup(self):
-        import ctk
         import qt
 
         ScriptedLoadableModuleWidget.setup(self)
-        form = qt.QFormLayout()
-        self.layout.addLayout(form)
-        self.baselineDir = ctk.ctkPathLineEdit()
-        self.baselineDir.filters = ctk.ctkPathLineEdit.Dirs
-        self.followupDir = ctk.ctkPathLineEdit()
-        self.followupDir.filters = ctk.ctkPathLineEdit.Dirs
-        self.device = qt.QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda"])
-        self.applyButton = qt.QPushButton("Apply")
-        self.progress = qt.QProgressBar()
-        self.result = qt.QLabel("")
-        form.addRow("Baseline study:", self.baselineDir)
-        form.addRow("Follow-up study:", self.followupDir)
-        form.addRow("Device:", self.device)
-        form.addRow(self.applyButton)
-        form.addRow(self.progress)
-        form.addRow(self.result)
-        self.layout.addStretch(1)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/RANOResponse.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RANOResponseLogic()
-        self.applyButton.connect("clicked(bool)", self.onApply)
+
+        from RANOResponseLib.process import gpu_choices
+
+        for device, label in gpu_choices():
+            self.ui.deviceComboBox.addItem(label, device)
+        self.ui.verdictComboBox.addItems(["CR", "PR", "SD", "PD"])
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self.onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.loadStudiesButton.connect("clicked(bool)", self.onLoadStudies)
+        self.ui.fitRoiButton.connect("clicked(bool)", self.onFitRoi)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.saveSceneButton.connect("clicked(bool)", self.onSaveScene)
+        self.ui.openWorklistButton.connect("clicked(bool)", self.onOpenWorklist)
+        self.ui.previousCaseButton.connect("clicked(bool)", lambda: self.onStep("previous"))
+        self.ui.nextCaseButton.connect("clicked(bool)", lambda: self.onStep("next"))
+        self.ui.firstUnreviewedButton.connect("clicked(bool)", lambda: self.onStep("first_unreviewed"))
+        self.ui.measureButton.connect("clicked(bool)", self.onMeasure)
+        self.ui.agreeButton.connect("clicked(bool)", lambda: self.onSaveVerdict(agree=True))
+        self.ui.saveVerdictButton.connect("clicked(bool)", lambda: self.onSaveVerdict(agree=False))
+        self.ui.exportVerdictsButton.connect("clicked(bool)", self.onExportVerdicts)
+        self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self._cancelJob()
+        self.removeObservers()
+        if self._parameterNode and self._parameterNodeGuiTag:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode and self._parameterNodeGuiTag:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+
+    def onSceneStartClose(self, caller, event):
+        self._cancelJob()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, node):
+        if self._parameterNode:
+            if self._parameterNodeGuiTag:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+        self._parameterNode = node
+        if node:
+            self._parameterNodeGuiTag = node.connectGui(self.ui)
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+            self.onParameterChanged()
+
+    # ------------------------------------------------------------ reactions
+    def onParameterChanged(self, caller=None, event=None):
+        p = self._parameterNode
+        if not p:
+            return
+        needed = self.logic.requiredModalities(p.bundle)
+        ready = all(getattr(p, f"baseline{m}") and getattr(p, f"followup{m}") for m in needed)
+        if self._job is None:
+            self.ui.applyButton.enabled = ready
+            self.ui.applyButton.toolTip = ("Register, crop, classify and compute the maps" if ready else
+                                           "Assign baseline and follow-up volumes for " + ", ".join(needed))
+        self.logic.showMap(p)
+
+    def onDeviceChanged(self, index):
+        device = self.ui.deviceComboBox.itemData(index)
+        _, warning = self.logic.chooseDevice(device)
+        self.ui.deviceWarningLabel.text = warning or ""
+
+    def onLoadStudies(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not load the studies.", waitCursor=True):
+            for role in ("baseline", "followup"):
+                folder = getattr(p, f"{role}Folder")
+                if folder and str(folder) not in ("", "."):
+                    for modality, node in self.logic.loadStudy(folder, role).items():
+                        setattr(p, f"{role}{modality}", node)
+            if p.baselineCT1 or p.baselineT1:
+                slicer.util.setSliceViewerLayers(background=p.baselineCT1 or p.baselineT1, fit=True)
+
+    def onFitRoi(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not fit the region.", waitCursor=True):
+            p.roi = self.logic.fitRoi(p)
 
     def onApply(self):
+        if self._job is not None:  # Apply is Cancel while a run is going
+            self._cancelJob()
+            self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the prediction.", waitCursor=True):
+            if not self.logic.ensurePackages():
+                return
+            device, warning = self.logic.chooseDevice(self.ui.deviceComboBox.currentData)
+            if warning:
+                self.ui.deviceWarningLabel.text = warning
+            self._job = self.logic.startPrediction(self._parameterNode, device)
+            self._setRunning(True)
+            self._timer.start()
+
+    def onPoll(self):
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        for event in job.run.poll():
+            self.ui.progressBar.value = int(100 * event.frac)
+            self.ui.statusLabel.text = event.text
+        if job.run.running:
+            return
+        self._timer.stop()
+        self._job = None
+        self._setRunning(False)
         with slicer.util.tryWithErrorDisplay("RANO response prediction failed.", waitCursor=True):
-            self.progress.setValue(10)
-            summary = self.logic.run(self.baselineDir.currentPath, self.followupDir.currentPath,
-                                     self.device.currentText)
-            self.progress.setValue(100)
-            probs = "  ".join(f"{k} {v:.2f}" for k, v in summary["probabilities"].items())
-            self.result.setText(f"<b>{summary['label']}</b>   {probs}")
+            summary = self.logic.finishPrediction(self._parameterNode, job)
+            self.ui.resultLabel.text = self.logic.resultHtml(summary)
+            self.ui.statusLabel.text = f"Done in {job.run.elapsed:.1f} s on {summary.get('device', '?')}."
+
+    def _setRunning(self, running):
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.enabled = True
+        self.ui.progressBar.visible = running
+        self.ui.progressBar.value = 0
+        for name in ("loadStudiesButton", "fitRoiButton", "inputsCollapsibleButton", "modelCollapsibleButton"):
+            getattr(self.ui, name).enabled = not running
+
+    def _cancelJob(self):
+        if self._timer:
+            self._timer.stop()
+        if self._job is not None:
+            self.logic.cancel(self._job)
+            self._job = None
+            self._setRunning(False)
+
+    def onSaveScene(self):
+        import qt
+
+        path = qt.QFileDialog.getSaveFileName(None, "Save results as a scene", "", "Slicer scene (*.mrml)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not save the scene.", waitCursor=True):
+                self.logic.saveScene(path)
+
+    # ---------------------------------------------------------------- review
+    def onOpenWorklist(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not open the worklist.", waitCursor=True):
+            self._review = self.logic.openReview(p.worklist, p.reviewDatabase, p.reviewer)
+            self._showCase()
+
+    def onStep(self, where):
+        if self._review is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not open the case.", waitCursor=True):
+            getattr(self._review, where)()
+            self._showCase()
+
+    def _showCase(self):
+        case = self._review.current
+        folders = self.logic.caseFolders(case)
+        p = self._parameterNode
+        p.baselineFolder, p.followupFolder = Path(folders[0]), Path(folders[1])
+        self.ui.caseLabel.text = self.logic.caseText(self._review)
+        self.ui.measurementLabel.text = ""
+        self.onLoadStudies()
+
+    def onMeasure(self):
+        if self._review is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not measure the lesions.", waitCursor=True):
+            self.ui.measurementLabel.text = self.logic.measureCase(self._review.current, self._parameterNode)
+
+    def onSaveVerdict(self, agree):
+        if self._review is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not save the verdict.", waitCursor=True):
+            self.logic.saveVerdict(self._review, self._parameterNode, agree=agree,
+                                   label=self.ui.verdictComboBox.currentText,
+                                   confidence=int(self.ui.confidenceSlider.value),
+                                   note=self.ui.noteEdit.toPlainText())
+            self.ui.noteEdit.setPlainText("")
+            self.ui.caseLabel.text = self.logic.caseText(self._review)
+
+    def onExportVerdicts(self):
+        import qt
+
+        path = qt.QFileDialog.getSaveFileName(None, "Export verdicts as training labels", "", "CSV (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not export the verdicts.", waitCursor=True):
+                self.logic.exportVerdicts(self._parameterNode.reviewDatabase, path)
+
+    def onReport(self):
+        import qt
+
+        path = qt.QFileDialog.getSaveFileName(None, "Case report", "", "PDF (*.pdf)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not write the report.", waitCursor=True):
+                self.logic.writeReport(self._parameterNode, path, self._review)
 
 
 class RANOResponseLogic(ScriptedLoadableModuleLogic):
-    """Runs ``rano-response predict`` in a separate Python process and loads its outputs."""
+    """Slicer-side entry points; each is a call into RANOResponseLib with the current scene."""
 
-    def run(self, baseline: str, followup: str, device: str = "auto") -> dict:
-        out = tempfile.mkdtemp(prefix="RANOResponse-")
-        script = (
-            "import sys; sys.path.insert(0, %r); from RANOResponseLib.cli import main; sys.exit(main())"
-            % os.path.dirname(__file__)
-        )
-        args = [script, "predict", "--baseline", baseline, "--followup", followup,
-                "--out", os.path.join(out, "result"), "--device", device, "--quiet"]
-        proc = slicer.util.launchConsoleProcess([sys.executable, "-c", *args])
-        stdout, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(stdout.strip().splitlines()[-1] if stdout.strip() else "predict failed")
-        result = os.path.join(out, "result")
-        with open(os.path.join(result, "prediction.json")) as fh:
-            summary = json.load(fh)
-        base = slicer.util.loadVolume(summary["inputs"]["baseline"].get("CT1") or
-                                      next(iter(summary["inputs"]["baseline"].values())))
-        gradcam = slicer.util.loadVolume(os.path.join(result, "gradcam.nii.gz"))
-        slicer.util.setSliceViewerLayers(background=base, foreground=gradcam, foregroundOpacity=0.4)
-        return summary
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.lastJob = None
+        self.lastNodes = None
+        self.lastMeasurement = None
+
+    def getParameterNode(self):
+        return RANOResponseParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def requiredModalities(bundle_path=None) -> tuple[str, ...]:
+        from RANOResponseLib.bundle import read_bundle
+
+        try:
+            bundle = read_bundle(bundle_path if bundle_path and str(bundle_path) not in ("", ".") else None)
+        except Exception:  # a bad bundle path is reported when Apply runs
+            return MODALITIES
+        return tuple(bundle.spec.modalities)
+
+    @staticmethod
+    def chooseDevice(requested):
+        from RANOResponseLib.process import choose_device
+
+        return choose_device(requested or "auto")
+
+    def loadStudy(self, folder, role):
+        from RANOResponseLib.scene import load_study_nodes
+
+        return load_study_nodes(slicer.mrmlScene, Path(folder), MODALITIES, role)
+
+    def fitRoi(self, p):
+        from RANOResponseLib.bundle import read_bundle
+        from RANOResponseLib.scene import fit_roi
+
+        bundle = read_bundle(p.bundle if p.bundle and str(p.bundle) not in ("", ".") else None)
+        reference = getattr(p, f"baseline{bundle.spec.reference_modality}")
+        return fit_roi(slicer.mrmlScene, reference, bundle.spec, "RANO crop region")
+
+    @staticmethod
+    def ensurePackages() -> bool:
+        """Install what the core needs after asking: torch through PyTorchUtils, the rest with pip."""
+        from RANOResponseLib.dependencies import missing_packages, torch_missing
+
+        if torch_missing():
+            if not slicer.util.confirmOkCancelDisplay(
+                    "RANO Response needs PyTorch. Install it now (PyTorch extension)? This may take minutes."):
+                return False
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager first.")
+                return False
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                return False
+        missing = missing_packages()
+        if missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                    "RANO Response needs these Python packages:\n  " + "\n  ".join(missing) + "\nInstall them now?"):
+                return False
+            slicer.util.pip_install(missing)
+        return True
+
+    def startPrediction(self, p, device):
+        from RANOResponseLib.process import slicer_python
+        from RANOResponseLib.runner import PredictRequest, start_predict
+
+        modalities = self.requiredModalities(p.bundle)
+        request = PredictRequest(
+            baseline={m: getattr(p, f"baseline{m}") for m in MODALITIES},
+            followup={m: getattr(p, f"followup{m}") for m in MODALITIES},
+            modalities=modalities,
+            bundle=p.bundle if p.bundle and str(p.bundle) not in ("", ".") else None,
+            device=device, roi=p.roi)
+        self.lastJob = start_predict(request, python=slicer_python())
+        return self.lastJob
+
+    @staticmethod
+    def cancel(job):
+        from RANOResponseLib.runner import discard
+
+        discard(job)
+
+    def finishPrediction(self, p, job) -> dict:
+        from RANOResponseLib.runner import finish_predict
+
+        nodes = finish_predict(slicer.mrmlScene, job)
+        self.lastNodes = nodes
+        scene = slicer.mrmlScene
+        p.transform = scene.GetNodeByID(nodes.transform)
+        p.gradcam = scene.GetNodeByID(nodes.gradcam) if nodes.gradcam else None
+        p.saliency = scene.GetNodeByID(nodes.saliency) if nodes.saliency else None
+        p.table = scene.GetNodeByID(nodes.table)
+        if nodes.roi and p.roi is None:
+            p.roi = scene.GetNodeByID(nodes.roi)
+        self.showMap(p)
+        return nodes.summary
+
+    @staticmethod
+    def showMap(p):
+        from RANOResponseLib.scene import show_overlay
+
+        fg = p.gradcam if p.mapName == "Grad-CAM" else p.saliency
+        bg = p.baselineCT1 or p.baselineT1
+        if bg is not None and fg is not None:
+            show_overlay(slicer.mrmlScene, bg, fg, opacity=p.opacity)
+
+    @staticmethod
+    def resultHtml(summary: dict) -> str:
+        rows = "".join(
+            f"<tr><td>{c}</td><td align='right'>{v:.2f}</td><td align='right'>± {summary.get('ensemble_spread', {}).get(c, 0):.2f}</td></tr>"
+            for c, v in summary["probabilities"].items())
+        return (f"<b>Predicted: {summary['label']}</b> &nbsp; (model {summary['bundle']['id']})"
+                f"<table>{rows}</table><i>Research use only, not for clinical use.</i>")
+
+    @staticmethod
+    def saveScene(path):
+        from RANOResponseLib.scene import write_scene
+
+        write_scene(slicer.mrmlScene, Path(path))
+
+    # review panel: RANOResponseLib.review / measurement / rano_rules / report
+    @staticmethod
+    def openReview(worklist, database, reviewer):
+        from RANOResponseLib.review import open_session
+
+        return open_session(Path(worklist), Path(database), reviewer)
+
+    @staticmethod
+    def caseFolders(case):
+        return case.baseline, case.followup
+
+    @staticmethod
+    def caseText(session) -> str:
+        return session.describe()
+
+    def measureCase(self, case, p) -> str:
+        from RANOResponseLib.measurement import measure_case_html
+
+        html, self.lastMeasurement = measure_case_html(slicer.mrmlScene, case, p.transform)
+        return html
+
+    def saveVerdict(self, session, p, agree, label, confidence, note):
+        summary = self.lastNodes.summary if self.lastNodes else None
+        session.save(label=None if agree else label, agree=agree, confidence=confidence, note=note,
+                     prediction=summary, rule=self.lastMeasurement)
+
+    @staticmethod
+    def exportVerdicts(database, path):
+        from RANOResponseLib.review import export_labels
+
+        export_labels(Path(database), Path(path))
+
+    def writeReport(self, p, path, session):
+        from RANOResponseLib.report import write_report
+
+        if self.lastJob is None:
+            raise ValueError("Run Apply first: the report is built from a prediction.")
+        write_report(self.lastJob.out, Path(path), database=p.reviewDatabase if session else None,
+                     measurement=self.lastMeasurement)
 
 
 class RANOResponseTest(ScriptedLoadableModuleTest):
-    def runTest(self):
-        slicer.mrmlScene.Clear()
-        self.test_phantom_pair()
+    """Runs the module logic in Slicer on a generated phantom pair (no data download)."""
 
-    def test_phantom_pair(self):
-        from pathlib import Path
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_phantom_pair_end_to_end()
+        self.setUp()
+        self.test_cancel_leaves_scene_clean()
+
+    def _phantom(self):
+        import tempfile
 
         from RANOResponseLib.demo import demo_case
 
         root = Path(tempfile.mkdtemp(prefix="RANOResponseTest-"))
         baseline, followup, _ = demo_case(root / "phantom", spacing=3.0)
-        summary = RANOResponseLogic().run(str(baseline), str(followup), "cpu")
+        logic = RANOResponseLogic()
+        p = logic.getParameterNode()
+        for role, folder in (("baseline", baseline), ("followup", followup)):
+            for modality, node in logic.loadStudy(folder, role).items():
+                setattr(p, f"{role}{modality}", node)
+        return logic, p
+
+    def test_phantom_pair_end_to_end(self):
+        self.delayDisplay("Predicting on a phantom pair")
+        logic, p = self._phantom()
+        job = logic.startPrediction(p, "cpu")
+        summary = logic.finishPrediction(p, job)
         self.assertAlmostEqual(sum(summary["probabilities"].values()), 1.0, places=4)
         self.assertIn(summary["label"], summary["probabilities"])
+        self.assertIsNotNone(p.transform)
+        self.assertEqual(p.followupCT1.GetTransformNodeID(), p.transform.GetID())
+        self.assertIsNotNone(p.gradcam)
+        self.assertGreater(p.table.GetNumberOfRows(), 0)
+        self.delayDisplay("Test passed")
+
+    def test_cancel_leaves_scene_clean(self):
+        logic, p = self._phantom()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.startPrediction(p, "cpu")
+        logic.cancel(job)
+        self.assertFalse(job.run.running)
+        self.assertFalse(job.workdir.exists())
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.delayDisplay("Test passed")
