@@ -54,3 +54,15 @@ def test_shipped_bundle_is_valid_and_documented():
     assert 0 <= test["balanced_accuracy"] <= 1 and test["n"] > 0
     assert bundle.meta["training"]["command"].startswith("rano-response train")
     assert bundle.meta["training"]["device"]
+
+
+def test_cmake_ships_the_default_model_bundle():
+    """The installed module must carry the bundle predict loads by default, every file of it."""
+    from RANOResponseLib.bundle import DEFAULT_BUNDLE_ID, default_bundle_path
+
+    cmake = (ROOT / "RANOResponse" / "CMakeLists.txt").read_text(encoding="utf-8")
+    bundle_id = re.search(r"set\(MODEL_BUNDLE_ID\s+(\S+)\)", cmake).group(1)
+    assert bundle_id == DEFAULT_BUNDLE_ID
+    listed = set(re.findall(r"\.\./Resources/Models/\$\{MODEL_BUNDLE_ID\}/(\S+)", cmake))
+    on_disk = {p.name for p in default_bundle_path().iterdir() if p.is_file()}
+    assert listed == on_disk, f"bundle files listed {sorted(listed)} vs on disk {sorted(on_disk)}"
