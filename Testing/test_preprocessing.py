@@ -20,9 +20,12 @@ from RANOResponseLib.preprocessing import (
     InputSpec,
     RegistrationResult,
     default_channels,
+    grid_center,
+    lps_to_ras,
     model_grid,
     normalize,
     prepare_pair,
+    ras_to_lps,
     register_rigid,
     to_reference,
 )
@@ -167,6 +170,47 @@ def test_model_grid_refuses_empty_reference(known_motion):
     empty = sitk.Image(known_motion.baseline.images["CT1"]) * 0
     with pytest.raises(RANOInputError):
         model_grid(empty, (6, 6, 6), (16, 16, 16))
+
+
+def test_ras_lps_conversion():
+    """RAS and LPS differ by the sign of x and y; the conversion is its own inverse."""
+    assert ras_to_lps((10.0, -20.0, 30.0)) == (-10.0, 20.0, 30.0)
+    assert lps_to_ras(ras_to_lps((1.5, 2.5, -3.5))) == (1.5, 2.5, -3.5)
+
+
+def test_model_grid_at_a_given_centre(known_motion):
+    """With ``center`` (LPS) the grid is centred there, not on the brain; size/spacing/axes kept."""
+    ref = known_motion.baseline.images["CT1"]
+    default = model_grid(ref, (6.0, 5.0, 4.0), (16, 20, 24))
+    centre = np.array(grid_center(default)) + (12.0, -7.5, 20.0)
+    moved = model_grid(ref, (6.0, 5.0, 4.0), (16, 20, 24), center=centre)
+    np.testing.assert_allclose(grid_center(moved), centre, atol=1e-9)
+    np.testing.assert_allclose(np.array(moved.GetOrigin()) - default.GetOrigin(), (12.0, -7.5, 20.0), atol=1e-9)
+    assert moved.GetSize() == default.GetSize() and moved.GetDirection() == IDENTITY
+    with pytest.raises(RANOInputError, match="not a finite 3D point"):
+        model_grid(ref, (6, 6, 6), (8, 8, 8), center=(0.0, float("nan"), 0.0))
+
+
+def test_crop_centre_moves_the_network_input(known_motion):
+    """Moving the crop centre by whole voxels shifts every channel by that many voxels (same
+    anatomy, other grid cells); a crop beside the head is refused with an error naming the study."""
+    spec = InputSpec(("CT1", "T1", "T2", "FLAIR"), SHUFFLED, spacing=(4.0, 4.0, 4.0), size=(24, 28, 20))
+    base = prepare_pair(known_motion.baseline, known_motion.followup, known_motion.transform, spec)
+    centre = np.array(grid_center(base.grid))
+    shift_ras = (12.0, 0.0, -8.0)  # 3 voxels to patient right, 2 voxels inferior
+    moved_centre = ras_to_lps(np.array(lps_to_ras(centre)) + shift_ras)
+    moved = prepare_pair(known_motion.baseline, known_motion.followup, known_motion.transform, spec,
+                         center=moved_centre)
+    np.testing.assert_allclose(np.array(moved.grid.GetOrigin()) - base.grid.GetOrigin(), (-12.0, 0.0, -8.0))
+    for key in ("CT1:baseline", "FLAIR:followup"):
+        a = sitk.GetArrayFromImage(base.resampled[key])  # (z, y, x)
+        b = sitk.GetArrayFromImage(moved.resampled[key])
+        # LPS x fell by 3 voxels and z by 2: moved[z, y, x] == base[z - 2, y, x - 3]
+        np.testing.assert_allclose(b[2:, :, 3:], a[:-2, :, :-3], atol=1e-4)
+        assert np.abs(b - a).max() > 1.0  # the crop really moved
+    with pytest.raises(RANOInputError, match="icbm-baseline.*holds no brain"):
+        prepare_pair(known_motion.baseline, known_motion.followup, known_motion.transform, spec,
+                     center=(centre[0] + 400.0, centre[1], centre[2]))
 
 
 def test_prepared_phantom_channels_are_normalised(prepared, tiny_models):

@@ -184,27 +184,50 @@ def _as_euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
     return sitk.Euler3DTransform(transform)
 
 
-def model_grid(reference: sitk.Image, spacing: Sequence[float], size: Sequence[int]) -> sitk.Image:
+def ras_to_lps(point: Sequence[float]) -> tuple[float, float, float]:
+    """A point in Slicer's RAS millimetres as an ITK/SimpleITK (LPS) physical point, and back:
+    the two frames differ by the sign of x and y, so the conversion is its own inverse."""
+    x, y, z = (float(v) for v in point)
+    return (-x, -y, z)
+
+
+lps_to_ras = ras_to_lps
+
+
+def model_grid(reference: sitk.Image, spacing: Sequence[float], size: Sequence[int],
+               center: Sequence[float] | None = None) -> sitk.Image:
     """An empty image defining the model grid: ``size`` voxels of ``spacing`` mm, axis-aligned
-    in LPS (identity direction), centred on the bounding box of the reference's brain.
+    in LPS (identity direction), centred on ``center`` (an LPS physical point, e.g. a crop ROI's
+    centre from :func:`ras_to_lps`) or, by default, on the bounding box of the reference's brain.
 
     The grid's orientation does not follow the reference's storage order, so the network sees
     the same anatomy orientation whether a study was stored RAS, LPS or oblique.
     """
-    arr = sitk.GetArrayViewFromImage(reference)
-    nz = np.nonzero(arr)
-    if len(nz[0]) == 0:
-        raise RANOInputError("reference image has no brain voxels")
-    lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
-    hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
-    corners = np.array([reference.TransformContinuousIndexToPhysicalPoint(c)
-                        for c in itertools.product(*zip(lo, hi))])
-    centre = (corners.min(0) + corners.max(0)) / 2
+    if center is None:
+        arr = sitk.GetArrayViewFromImage(reference)
+        nz = np.nonzero(arr)
+        if len(nz[0]) == 0:
+            raise RANOInputError("reference image has no brain voxels")
+        lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
+        hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
+        corners = np.array([reference.TransformContinuousIndexToPhysicalPoint(c)
+                            for c in itertools.product(*zip(lo, hi))])
+        centre = (corners.min(0) + corners.max(0)) / 2
+    else:
+        centre = np.asarray(center, float)
+        if centre.shape != (3,) or not np.isfinite(centre).all():
+            raise RANOInputError(f"crop centre {tuple(center)} is not a finite 3D point")
     half = (np.array(size, float) - 1) / 2 * np.array(spacing, float)
     grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     grid.SetSpacing([float(s) for s in spacing])
     grid.SetOrigin([float(v) for v in centre - half])
     return grid
+
+
+def grid_center(grid: sitk.Image) -> tuple[float, float, float]:
+    """The physical (LPS) centre of a grid: the point :func:`model_grid` centred it on."""
+    return tuple(float(v) for v in grid.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2 for s in grid.GetSize()]))  # type: ignore[return-value]
 
 
 def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
@@ -249,11 +272,16 @@ class PreparedPair:
 
 
 def prepare_pair(
-    baseline: Study, followup: Study, transform: sitk.Transform, spec: InputSpec
+    baseline: Study, followup: Study, transform: sitk.Transform, spec: InputSpec,
+    center: Sequence[float] | None = None,
 ) -> PreparedPair:
-    """Crop and resample both studies onto the model grid, normalise and stack the channels."""
+    """Crop and resample both studies onto the model grid, normalise and stack the channels.
+
+    ``center`` (LPS mm) places the crop, e.g. where a user moved the crop ROI; by default the
+    grid is centred on the baseline brain. A crop that misses the brain is refused.
+    """
     reference = baseline.images[spec.reference_modality]
-    grid = model_grid(reference, spec.spacing, spec.size)
+    grid = model_grid(reference, spec.spacing, spec.size, center)
     resampled: dict[str, sitk.Image] = {}
     planes = []
     normed: dict[str, np.ndarray] = {}
@@ -276,6 +304,13 @@ def prepare_pair(
             planes.append(plane(ch.modality, "followup") - plane(ch.modality, "baseline"))
         else:
             planes.append(plane(ch.modality, ch.timepoint))
+    if center is not None:
+        ref = resampled.get(f"{spec.reference_modality}:baseline")
+        ref = resample(reference, grid) if ref is None else ref
+        if not sitk.GetArrayViewFromImage(ref).any():
+            ras = ", ".join(f"{v:g}" for v in lps_to_ras(center))
+            raise RANOInputError(f"{baseline.folder}: the crop region centred at RAS ({ras}) mm holds no "
+                                 f"brain voxels of {spec.reference_modality}; move the ROI onto the brain")
     return PreparedPair(np.stack(planes).astype(np.float32), grid, tuple(spec.channels), resampled)
 
 
