@@ -1,6 +1,11 @@
 """``rano-response train``: the same arguments work from the console script, from
-``python ResponseTraining/ResponseTraining.py train ...`` and from
-``Slicer --no-main-window --python-script ResponseTraining/ResponseTraining.py -- train ...``."""
+``python ResponseTraining/ResponseTraining.py train ...``, from
+``Slicer --no-main-window --python-script ResponseTraining/ResponseTraining.py -- train ...``
+and, for data-parallel training, from ``torchrun --nproc_per_node N -m RANOResponseLib.cli train ...``.
+
+Folds on separate devices: ``--only-fold i --device cuda:i`` per process (after one
+``--preprocess-only`` run fills the shared cache), then one ``--resume`` run aggregates.
+"""
 
 from __future__ import annotations
 
@@ -13,38 +18,77 @@ from typing import Sequence
 from RANOResponseLib import MODALITIES
 from RANOResponseLib.errors import RANOInputError
 
-from .training import WEIGHTINGS, TrainConfig, train
+from .hybrid import CLASSIFIERS, HYBRID_FIT
+from .lumiere import PAIRINGS
+from .training import ARCHS, CHANNEL_SETS, WEIGHTING_ALIASES, WEIGHTINGS, TrainConfig, train
 
 
 def _triple(cast):
     def parse(text: str):
         parts = [cast(v) for v in text.replace("x", ",").split(",")]
+        if len(parts) not in (1, 3):
+            raise argparse.ArgumentTypeError(f"{text!r}: give one value or three (x,y,z)")
         return tuple(parts * 3 if len(parts) == 1 else parts)
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rano-response train", description="Train a response classifier on a "
-                                "LUMIERE-layout cohort and export a model bundle.")
-    p.add_argument("--data", required=True, type=Path, help="cohort root (Imaging/ and the rating CSV)")
-    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, tables, bundle)")
-    p.add_argument("--arch", default="compact", choices=["compact", "densenet121", "densenet169", "densenet264"])
-    p.add_argument("--modalities", default=",".join(MODALITIES), help="comma list of CT1,T1,T2,FLAIR")
-    p.add_argument("--pairing", default="previous", choices=["previous"])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
-    p.add_argument("--loss-weighting", default="inverse", choices=WEIGHTINGS)
-    p.add_argument("--sampler-weighting", default="equal", choices=WEIGHTINGS)
-    p.add_argument("--spacing", type=_triple(float), default=(2.0, 2.0, 2.0), help="model grid mm, e.g. 2 or 2,2,2")
-    p.add_argument("--size", type=_triple(int), default=(80, 96, 80), help="model grid voxels x,y,z")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--bundle-id", default="rano-response-model")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p = argparse.ArgumentParser(prog="rano-response train", description="Cross-validate a response classifier on "
+                                "a LUMIERE-layout cohort (patient-grouped folds) and export the fold models as "
+                                "one ensemble bundle.")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, type=Path, help="cohort root (Imaging/ and the rating CSV)")
+    g.add_argument("--out", required=True, type=Path, help="run folder (folds, tables, plots, bundle)")
+    g.add_argument("--modalities", default=",".join(MODALITIES), help="comma list of CT1,T1,T2,FLAIR")
+    g.add_argument("--channels", default="stack", choices=CHANNEL_SETS,
+                   help="stack: [follow-up, baseline] per modality; difference: follow-up minus baseline")
+    g.add_argument("--pairing", default="previous", choices=PAIRINGS,
+                   help="baseline = scan right before, or latest Post-Op/PR/CR reference (BraTPRO)")
+    g.add_argument("--spacing", type=_triple(float), default=(2.0, 2.0, 2.0), help="model grid mm, e.g. 2 or 2,2,2")
+    g.add_argument("--size", type=_triple(int), default=(80, 96, 80), help="model grid voxels x,y,z")
+    g.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default OUT/cache); share it "
+                   "between runs on the same cohort")
+    g.add_argument("--clinical", action="store_true", help="join age, sex, IDH, MGMT and weeks between scans "
+                   "(clinical.csv; used by --hybrid)")
+    s = p.add_argument_group("splits")
+    s.add_argument("--folds", type=int, default=5, help="patient-grouped stratified k-fold (default 5)")
+    s.add_argument("--loocv", action="store_true", help="leave-one-patient-out instead of k-fold")
+    s.add_argument("--val-fraction", type=float, default=0.2,
+                   help="validation patients carved from each fold's training patients")
+    s.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("model and optimisation")
+    m.add_argument("--arch", default="compact", choices=ARCHS)
+    m.add_argument("--backbone", default="resnet18", help="timm25d: timm 2D model name")
+    m.add_argument("--slices", type=int, default=5, help="timm25d: axial slices through the grid centre")
+    m.add_argument("--slice-step", type=int, default=4, help="timm25d: voxels between slices")
+    m.add_argument("--pretrained-weights", type=Path, default=None,
+                   help="timm25d: local weights file for transfer learning (nothing is downloaded)")
+    m.add_argument("--epochs", type=int, default=30)
+    m.add_argument("--batch-size", type=int, default=4)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--weight-decay", type=float, default=0.01)
+    m.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
+    m.add_argument("--plateau-patience", type=int, default=4, help="epochs without improvement before lr/10")
+    choices = WEIGHTINGS + tuple(WEIGHTING_ALIASES)
+    m.add_argument("--loss-weighting", default="1/prevalence", choices=choices, help="class weights in the loss")
+    m.add_argument("--sampler-weighting", default="equal", choices=choices, help="class weights when sampling")
+    m.add_argument("--dropout", type=float, default=0.1)
+    m.add_argument("--no-augment", action="store_true")
+    m.add_argument("--grad-shards", type=int, default=1, help="split each batch into K parts with gradient "
+                   "accumulation; equals a torchrun run with K processes")
+    h = p.add_argument_group("deep hybrid learning")
+    h.add_argument("--hybrid", default="", help=f"comma list of {','.join(CLASSIFIERS)} or 'all': classifiers on "
+                   "the fold model's probabilities + clinical features")
+    h.add_argument("--hybrid-fit", default="val", choices=HYBRID_FIT,
+                   help="fit them on the fold's validation pairs (default) or training + validation pairs")
+    r = p.add_argument_group("running")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--resume", action="store_true", help="skip finished folds, continue the current one")
+    r.add_argument("--only-fold", type=int, default=None, help="train only this fold (run folds in parallel)")
+    r.add_argument("--preprocess-only", action="store_true", help="fill the preprocessing cache and stop")
+    r.add_argument("--progress-json", action="store_true",
+                   help="one JSON line per event on stdout (start, preprocess, epoch, fold, done) with 'frac'")
+    r.add_argument("--bundle-id", default="rano-response-model")
     return p
 
 
@@ -52,17 +96,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     mods = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    bad = [m for m in mods if m not in MODALITIES]
+    hybrid = tuple(CLASSIFIERS) if args.hybrid.strip() == "all" else tuple(
+        h.strip() for h in args.hybrid.split(",") if h.strip())
     try:
-        if bad:
-            raise RANOInputError(f"--modalities: unknown {', '.join(bad)} (use {', '.join(MODALITIES)})")
-        cfg = TrainConfig(data=args.data, out=args.out, arch=args.arch, modalities=mods, pairing=args.pairing,
-                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          weight_decay=args.weight_decay, patience=args.patience,
-                          loss_weighting=args.loss_weighting, sampler_weighting=args.sampler_weighting,
-                          spacing=args.spacing, size=args.size, seed=args.seed, device=args.device,
-                          bundle_id=args.bundle_id, augment=not args.no_augment, resume=args.resume,
-                          command="rano-response train " + shlex.join(argv))
+        cfg = TrainConfig(
+            data=args.data, out=args.out, arch=args.arch, modalities=mods, channels=args.channels,
+            pairing=args.pairing, folds=args.folds, loocv=args.loocv, val_fraction=args.val_fraction,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            patience=args.patience, plateau_patience=args.plateau_patience, loss_weighting=args.loss_weighting,
+            sampler_weighting=args.sampler_weighting, seed=args.seed, device=args.device, spacing=args.spacing,
+            size=args.size, dropout=args.dropout, augment=not args.no_augment, clinical=args.clinical,
+            hybrid=hybrid, hybrid_fit=args.hybrid_fit, backbone=args.backbone, slices=args.slices,
+            slice_step=args.slice_step, pretrained_weights=args.pretrained_weights, grad_shards=args.grad_shards,
+            only_fold=args.only_fold, preprocess_only=args.preprocess_only, cache=args.cache,
+            bundle_id=args.bundle_id, resume=args.resume, progress_json=args.progress_json,
+            command="rano-response train " + shlex.join(argv))
         train(cfg)
     except RANOInputError as e:
         print(f"error: {e}", file=sys.stderr)

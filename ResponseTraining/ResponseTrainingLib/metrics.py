@@ -45,3 +45,23 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names=CL
         "auc_ovr": auc,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+SCALAR_METRICS = ("balanced_accuracy", "f1_macro", "precision_weighted", "recall_weighted", "auc_ovr")
+
+
+def summarise(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median, mean and sd (ddof=1) over folds of each scalar metric (NaN folds left out), and
+    the summed confusion matrix."""
+    out: dict[str, Any] = {"folds": len(per_fold)}
+    for stat in ("median", "mean", "sd"):
+        out[stat] = {}
+    for name in SCALAR_METRICS:
+        v = np.array([m[name] for m in per_fold], dtype=float)
+        v = v[~np.isnan(v)]
+        out["median"][name] = float(np.median(v)) if len(v) else float("nan")
+        out["mean"][name] = float(v.mean()) if len(v) else float("nan")
+        out["sd"][name] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    if per_fold:
+        out["confusion_matrix"] = np.sum([m["confusion_matrix"] for m in per_fold], axis=0).tolist()
+    return out
