@@ -21,8 +21,16 @@ for _p in (_HERE, os.path.join(os.path.dirname(_HERE), "RANOResponse")):
 
 
 def run_cli(argv: list[str]) -> int:
-    """Entry point shared by plain Python and ``Slicer --python-script``."""
-    args = [a for a in argv if a != "--"]
+    """Entry point shared by plain Python and ``Slicer --python-script`` (whose arguments follow
+    ``--``): ``[--] [train] ARGS`` trains (``rano-response train ARGS``), ``[--] evaluate ARGS``
+    scores a bundle (``rano-response evaluate ARGS``). No GUI is needed."""
+    args = list(argv)
+    if args and args[0] == "--":
+        args = args[1:]
+    if args and args[0] == "evaluate":
+        from RANOResponseLib.cli import main as core_main
+
+        return core_main(args)
     if args and args[0] == "train":
         args = args[1:]
     from ResponseTrainingLib.cli import main
