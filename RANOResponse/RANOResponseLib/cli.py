@@ -5,6 +5,9 @@
     rano-response train    --data DIR --out RUN [...]          (ResponseTrainingLib)
     rano-response evaluate --bundle B --data DIR --out OUT
     rano-response bench    [--runs 3] [--spacing 1]
+    rano-response measure  --baseline DIR --followup DIR | --prediction OUT [--out measurements.json]
+    rano-response review   import|add|status|export --db DB [...]
+    rano-response report   --prediction OUT --out report.pdf [--db DB] [--measurements JSON]
 
 Bad input is reported as one line ``error: <file>: <problem>`` on stderr, with exit status 2
 and nothing left in ``--out``.
@@ -78,6 +81,165 @@ def _cmd_train(argv: Sequence[str]) -> int:
     return train_main(list(argv))
 
 
+# ---- measure / review / report (radiologist in the loop) -------------------------------
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from .measurement import MeasurableCriteria, lesion_table, measure_prediction, measure_timepoints
+    from .rano_rules import compare_with_prediction, decide, write_assessment
+
+    criteria = MeasurableCriteria(min_volume_ml=args.min_volume_ml)
+    if args.baseline and args.followup:
+        transform = args.transform
+        if transform is None and args.prediction is not None:
+            tfm = Path(args.prediction) / "followup_to_baseline.tfm"
+            transform = tfm if tfm.is_file() else None
+        pair = measure_timepoints(args.baseline, args.followup, transform, args.source, criteria, args.margin_mm)
+    elif args.prediction is not None and not (args.baseline or args.followup):
+        pair = measure_prediction(args.prediction, args.source, criteria, args.margin_mm)
+    else:
+        raise RANOInputError("measure needs --baseline and --followup, or --prediction OUTDIR")
+    rule = decide(pair, criteria=args.criteria)
+    comparison = compare_with_prediction(rule, args.prediction) if args.prediction is not None else None
+    print(f"segmentations: {pair.baseline.source}\n               {pair.followup.source}")
+    print(f"follow-up related by: {pair.transform}")
+    for r in lesion_table(pair):
+        print(f"  {r['timepoint']:9s} {r['lesion']:4s} {r['d1_mm']:6.1f} x {r['d2_mm']:5.1f} mm  "
+              f"{r['product_mm2']:7.0f} mm2  {r['enhancing_ml']:6.2f} mL  measurable {r['measurable']:3s}  {r['status']}")
+    print(f"rule-based category: {rule.category} ({rule.criteria}; 2D {rule.bidimensional}, "
+          f"volumetric {rule.volumetric})")
+    for line in rule.reasoning:
+        print(f"  - {line}")
+    if comparison is not None:
+        print(comparison.message)
+    if args.out is not None:
+        write_assessment(args.out, pair, rule, comparison)
+        print(f"written: {Path(args.out).absolute()}")
+    return 0
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    from .review import Case, ReviewStore, load_worklist, make_verdict
+
+    if args.review_command == "import":
+        cases = load_worklist(args.worklist)
+        with ReviewStore(args.db) as store:
+            added = store.add_cases(cases)
+        print(f"{len(cases)} cases in the worklist, {added} new, in {Path(args.db).absolute()}")
+        return 0
+    if args.review_command == "add":
+        from .measurement import read_prediction
+
+        with ReviewStore(args.db) as store:
+            case = store.case(args.case_id)
+            if case is None:
+                if not (args.baseline and args.followup):
+                    raise RANOInputError(f"{args.db}: case {args.case_id!r} is not in the worklist "
+                                         "(import it, or give --baseline and --followup)")
+                case = Case(args.case_id, str(Path(args.baseline).absolute()), str(Path(args.followup).absolute()),
+                            Path(args.followup).absolute().parent.name)
+                store.add_cases([case])
+            pred_dir = args.prediction or case.prediction or None
+            prediction = read_prediction(pred_dir) if pred_dir else None
+            rule = args.rule_category
+            if args.measurements is not None:
+                from .rano_rules import read_assessment
+
+                rule = read_assessment(args.measurements)[1]
+            v = store.save(make_verdict(case, args.reviewer, None if args.agree else args.label, args.confidence,
+                                        args.note, prediction, rule))
+        print(f"saved verdict {v.id}: {v.case_id} {v.label} by {v.reviewer} at {v.created_at}"
+              + (f" (revises {v.supersedes})" if v.supersedes else ""))
+        return 0
+    if args.review_command == "status":
+        with ReviewStore(args.db, create=False) as store:
+            st = store.status()
+        if args.json:
+            print(json.dumps(st, indent=2))
+            return 0
+        print(f"{st['database']}: {st['cases']} cases, {st['verdicts']} verdicts saved")
+        for name, r in sorted(st["reviewers"].items()):
+            print(f"  {name}: {r['reviewed']} reviewed, {r['disagree_with_model']} overriding the model, "
+                  f"{r['revisions']} revisions")
+        print("  labels (latest per case and reviewer):", json.dumps(st["labels"]))
+        return 0
+    with ReviewStore(args.db, create=False) as store:  # export
+        out = store.export_csv(args.out, reviewer=args.reviewer, history=args.history)
+        n = len(store.history(reviewer=args.reviewer) if args.history else store.latest(reviewer=args.reviewer))
+    print(f"{n} verdicts written to {out.absolute()}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    png = Path(args.out).with_suffix("") if args.png else None
+    out = write_report(args.prediction, args.out, args.measurements, args.db, args.case_id, args.source,
+                       args.criteria, png)
+    print(f"report: {Path(out).absolute()}" + (f"  (pages as {png}-page1.png, -page2.png)" if png else ""))
+    return 0
+
+
+def _add_review_parsers(sub: argparse._SubParsersAction) -> None:
+    from . import CLASS_NAMES
+
+    sources = ("auto", "deepbratumia-native", "hd-glio", "deepbratumia-atlas")
+    criteria = ("RANO", "RANO2")  # RANO2: RANO 2.0 volumetric thresholds decide the category
+    me = sub.add_parser("measure", help="RANO lesion measurements and the rule-based category of a case pair")
+    me.add_argument("--baseline", type=Path, help="baseline timepoint folder (LUMIERE layout)")
+    me.add_argument("--followup", type=Path, help="follow-up timepoint folder")
+    me.add_argument("--prediction", type=Path, help="predict output folder: its studies, transform and "
+                    "prediction (compared with the rules)")
+    me.add_argument("--transform", type=Path, help="follow-up_to_baseline .tfm (default: the prediction's, "
+                    "else registered here; atlas masks need none)")
+    me.add_argument("--source", choices=sources, default="auto", help="which segmentation to use")
+    me.add_argument("--criteria", choices=criteria, default="RANO")
+    me.add_argument("--margin-mm", type=float, default=2.0, help="registration tolerance for matching lesions")
+    me.add_argument("--min-volume-ml", type=float, default=0.0, help="ignore smaller components as noise")
+    me.add_argument("--out", type=Path, help="write measurements.json here")
+    me.set_defaults(func=_cmd_measure)
+
+    rv = sub.add_parser("review", help="radiologist review database: import, add, status, export")
+    rsub = rv.add_subparsers(dest="review_command", required=True)
+    ri = rsub.add_parser("import", help="register a worklist (CSV of case pairs or a LUMIERE folder)")
+    ri.add_argument("--db", required=True, type=Path)
+    ri.add_argument("--worklist", required=True, type=Path)
+    ra = rsub.add_parser("add", help="save one verdict (scripting)")
+    ra.add_argument("--db", required=True, type=Path)
+    ra.add_argument("--case-id", required=True)
+    ra.add_argument("--reviewer", required=True)
+    verdict = ra.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--label", choices=CLASS_NAMES, help="the radiologist's class")
+    verdict.add_argument("--agree", action="store_true", help="agree with the model's prediction")
+    ra.add_argument("--confidence", type=int, required=True, choices=range(1, 6), metavar="1-5")
+    ra.add_argument("--note", default="")
+    ra.add_argument("--prediction", type=Path, help="predict output folder (model label, probabilities, bundle)")
+    ra.add_argument("--measurements", type=Path, help="measurements.json for the rule-based category")
+    ra.add_argument("--rule-category", choices=CLASS_NAMES, help="rule-based category, if no measurements.json")
+    ra.add_argument("--baseline", type=Path, help="for a case not in the worklist")
+    ra.add_argument("--followup", type=Path)
+    rs = rsub.add_parser("status", help="how far the review is")
+    rs.add_argument("--db", required=True, type=Path)
+    rs.add_argument("--json", action="store_true")
+    rx = rsub.add_parser("export", help="verdicts as a label CSV for ResponseTraining")
+    rx.add_argument("--db", required=True, type=Path)
+    rx.add_argument("--out", required=True, type=Path)
+    rx.add_argument("--reviewer", help="only this reviewer's verdicts")
+    rx.add_argument("--history", action="store_true", help="every verdict, not only the latest per case and reviewer")
+    rv.set_defaults(func=_cmd_review)
+
+    rp = sub.add_parser("report", help="per-case PDF report (images, probabilities, measurements, verdict)")
+    rp.add_argument("--prediction", required=True, type=Path, help="predict output folder")
+    rp.add_argument("--out", required=True, type=Path, help="report.pdf")
+    rp.add_argument("--db", type=Path, help="review database with the verdicts")
+    rp.add_argument("--case-id", help="case id in the review database (default: matched by study folders)")
+    rp.add_argument("--measurements", type=Path, help="measurements.json (default: measured from the segmentations)")
+    rp.add_argument("--source", choices=sources, default="auto")
+    rp.add_argument("--criteria", choices=criteria, default="RANO")
+    rp.add_argument("--png", action="store_true", help="also write each page as PNG next to the PDF")
+    rp.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rano-response", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, type=Path)
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_cmd_evaluate)
+
+    _add_review_parsers(sub)
 
     sub.add_parser("train", help="train and export a bundle (see `rano-response train --help`)",
                    add_help=False)
