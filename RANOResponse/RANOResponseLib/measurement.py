@@ -299,7 +299,11 @@ def _source_names(source: str) -> tuple[str, ...]:
 
 
 def _expected(names: Iterable[str]) -> str:
-    return "; ".join(f"{_SOURCES[n][0]}/{_SOURCES[n][1][0]}.nii.gz" for n in names)
+    def one(n: str) -> str:
+        sub, stems = _SOURCES[n][:2]
+        return f"{sub}/{stems[0]}.nii.gz" if len(stems) == 1 else f"{sub}/{{{','.join(stems)}}}.nii.gz"
+
+    return "; ".join(one(n) for n in names)
 
 
 def _find_source(folder: Path, name: str) -> SegmentationFile | None:

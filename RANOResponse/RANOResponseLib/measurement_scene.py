@@ -1,6 +1,6 @@
 """Scene logic of the measurement assistant: Slicer segmentations in, editable diameters out.
 
-MRML only (no Qt, no ``slicer.app``), so pytest drives it on the real MRML of ``slicer-core``:
+MRML only (no Qt, no application object), so pytest drives it on the real MRML of ``slicer-core``:
 
 * :func:`segmentation_image` turns a ``vtkMRMLSegmentationNode`` (chosen segments) or a
   labelmap/scalar volume node into a SimpleITK label map that :mod:`measurement` measures;
@@ -37,7 +37,6 @@ ATTR = "RANOResponse.diameter"  # "<timepoint>:<lesion id>:<long|perpendicular>"
 TIMEPOINTS = ("baseline", "followup")
 COLORS = {"baseline": (1.0, 0.85, 0.1), "followup": (0.1, 0.85, 1.0)}
 PERPENDICULAR_TOLERANCE_DEG = 10.0
-_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def lps_to_ras(p: Sequence[float]) -> tuple[float, float, float]:
@@ -51,56 +50,23 @@ ras_to_lps = lps_to_ras  # the same sign flip both ways
 
 
 def image_from_volume_node(node: Any) -> sitk.Image:
-    """A scalar/labelmap volume node as a SimpleITK image with the same physical geometry.
+    """A scalar/labelmap volume node as a SimpleITK image with the same physical geometry
+    (the node's own voxels; a parent transform is not applied). :func:`scene.node_to_image`."""
+    from .scene import node_to_image
 
-    The node's own IJK-to-RAS geometry is used; harden a parent transform first if there is one.
-    """
-    import vtk
-    from vtk.util import numpy_support
-
-    image_data = node.GetImageData() if node is not None else None
-    if image_data is None:
-        raise RANOInputError(f"{node.GetName() if node else 'volume node'}: has no image data")
-    dims = image_data.GetDimensions()  # i, j, k
-    arr = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
-    if image_data.GetNumberOfScalarComponents() != 1:
-        raise RANOInputError(f"{node.GetName()}: not a single-component volume")
-    arr = arr.reshape(dims[2], dims[1], dims[0])
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-    ijk_to_lps = _LPS @ ijk_to_ras[:3, :3]
-    spacing = np.linalg.norm(ijk_to_lps, axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (ijk_to_lps / spacing).ravel()])
-    image.SetOrigin([float(v) for v in _LPS @ ijk_to_ras[:3, 3]])
-    return image
+    return node_to_image(node)
 
 
 def volume_node_from_image(scene: Any, image: sitk.Image, name: str, labelmap: bool = True) -> Any:
-    """Add a SimpleITK image to the scene as a labelmap (or scalar) volume node."""
-    import vtk
-    from vtk.util import numpy_support
+    """Add a SimpleITK label map (or scalar image) to the scene as a labelmap (or scalar) volume
+    node, through :func:`scene.image_to_node`."""
+    from .scene import image_to_node
 
-    cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
-    node = scene.AddNewNodeByClass(cls, name)
-    arr = sitk.GetArrayFromImage(image)
-    data = vtk.vtkImageData()
-    data.SetDimensions(*image.GetSize())
-    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(arr).ravel(), deep=True)
-    data.GetPointData().SetScalars(scalars)
-    node.SetAndObserveImageData(data)
-    d = np.array(image.GetDirection()).reshape(3, 3)
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = _LPS @ d @ np.diag(image.GetSpacing())
-    ijk_to_ras[:3, 3] = _LPS @ np.array(image.GetOrigin())
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(ijk_to_ras[r, c]))
-    node.SetIJKToRASMatrix(m)
-    return node
+    node = None
+    if labelmap:
+        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+        node.CreateDefaultDisplayNodes()  # a labelmap display, not image_to_node's grey one
+    return image_to_node(scene, image, name, node=node)
 
 
 # ------------------------------------------------------------------------------ segmentations

@@ -89,7 +89,8 @@ class RuleResult:
 
 
 def _percent(before: float, after: float) -> float | None:
-    return None if before <= 0 else (after - before) / before * 100.0
+    """Percent change, rounded to 1e-6 so that a change of exactly +25 % is not 24.999999 %."""
+    return None if before <= 0 else round((after - before) / before * 100.0, 6)
 
 
 def rule_inputs(pair: PairMeasurement) -> RuleInputs:

@@ -101,8 +101,9 @@ def model_card_summary(bundle_dir: Path | str, max_items: int = 9) -> list[str]:
         elif items:
             items[-1] += " " + line
     items = [i for i in items if not i.startswith(("- Command", "- Trained on"))]
-    if metrics:
-        items.insert(min(len(items), 4), "Hold-out test: " + ", ".join(metrics) + ".")
+    if metrics:  # before the limits
+        at = next((i for i, t in enumerate(items) if t.startswith("Limits: ")), len(items))
+        items.insert(at, "Hold-out test: " + ", ".join(metrics) + ".")
     return lines + items[:max_items]
 
 
@@ -355,8 +356,8 @@ def _draw_panel(ax: Any, p: _Panel, aspect: float) -> None:
         (ln,) = ax.plot([a[0], b[0]], [a[1], b[1]], linestyle=style, color="white", linewidth=2.0)
         ln.set_path_effects(_halo(2.0))
         if label:
-            t = ax.text(b[0] + 3, b[1] - 3, label, color="white", fontsize=FONT + 1, fontweight="bold")
-            t.set_path_effects(_halo(1.0))
+            ax.annotate(label, (b[0], b[1]), xytext=(6, -6), textcoords="offset points", color="white",
+                        fontsize=FONT + 1, fontweight="bold", path_effects=_halo(1.0))
     if p.cam is not None:
         cs = ax.contour(p.cam, levels=[0.5, 0.8], colors="white", linewidths=[1.4, 2.2],
                         linestyles=["--", "-"])
