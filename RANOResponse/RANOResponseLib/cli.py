@@ -85,15 +85,22 @@ def _cmd_train(argv: Sequence[str]) -> int:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .measurement import MeasurableCriteria, lesion_table, measure_prediction, measure_timepoints
+    from .measurement import (
+        MeasurableCriteria,
+        find_pair_segmentations,
+        lesion_table,
+        measure_prediction,
+        measure_timepoints,
+    )
     from .rano_rules import compare_with_prediction, decide, write_assessment
 
     criteria = MeasurableCriteria(min_volume_ml=args.min_volume_ml)
     if args.baseline and args.followup:
         transform = args.transform
-        if transform is None and args.prediction is not None:
+        if transform is None and args.prediction is not None:  # predict's transform relates native images
             tfm = Path(args.prediction) / "followup_to_baseline.tfm"
-            transform = tfm if tfm.is_file() else None
+            native = find_pair_segmentations(args.baseline, args.followup, args.source)[0].space == "native"
+            transform = tfm if tfm.is_file() and native else None
         pair = measure_timepoints(args.baseline, args.followup, transform, args.source, criteria, args.margin_mm)
     elif args.prediction is not None and not (args.baseline or args.followup):
         pair = measure_prediction(args.prediction, args.source, criteria, args.margin_mm)
