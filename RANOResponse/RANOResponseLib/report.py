@@ -454,7 +454,7 @@ def _table(fig: Any, rows: list[dict], box: tuple[float, float, float, float]) -
               f"{r['product_mm2']:.0f}", f"{r['enhancing_ml']:.2f}", str(r["slices"]),
               "yes" if r["measurable"] == "yes" else "no", r["status"]] for r in rows[:18]]
     t = ax.table(cellText=cells, colLabels=cols, loc="upper left", cellLoc="left", colLoc="left",
-                 colWidths=[0.11, 0.08, 0.07, 0.07, 0.09, 0.10, 0.08, 0.13, 0.27])
+                 colWidths=[0.11, 0.08, 0.07, 0.07, 0.09, 0.10, 0.07, 0.145, 0.265])
     t.auto_set_font_size(False)
     t.set_fontsize(FONT - 1)
     t.scale(1, 1.45)
