@@ -293,7 +293,9 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._review is None:
             return
         with slicer.util.tryWithErrorDisplay("Could not measure the lesions.", waitCursor=True):
-            self.ui.measurementLabel.text = self.logic.measureCase(self._review.current, self._parameterNode)
+            self.ui.measurementLabel.text = self.logic.measureCase(
+                self._review.current, self._parameterNode,
+                onChange=lambda html: setattr(self.ui.measurementLabel, "text", html))
 
     def onSaveVerdict(self, agree):
         if self._review is None:
@@ -330,7 +332,8 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastJob = None
         self.lastNodes = None
-        self.lastMeasurement = None
+        self.lastAssessment = None
+        self._stopObserving = None
 
     def getParameterNode(self):
         return RANOResponseParameterNode(super().getParameterNode())
@@ -446,7 +449,7 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
         write_scene(slicer.mrmlScene, Path(path))
 
-    # review panel: RANOResponseLib.review / measurement / rano_rules / report
+    # review panel: RANOResponseLib.review / measurement_scene / rano_rules / report
     @staticmethod
     def openReview(worklist, database, reviewer):
         from RANOResponseLib.review import open_session
@@ -459,32 +462,70 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def caseText(session) -> str:
-        return session.describe()
+        from RANOResponseLib.review import session_text
 
-    def measureCase(self, case, p) -> str:
-        from RANOResponseLib.measurement import measure_case_html
+        return session_text(session)
 
-        html, self.lastMeasurement = measure_case_html(slicer.mrmlScene, case, p.transform)
-        return html
+    def _jobFor(self, case):
+        """The last prediction if it was made on this case's two folders."""
+        job = self.lastJob
+        if job and self.lastNodes and {str(Path(v).resolve()) for v in job.inputs.values()} == {
+                str(Path(case.baseline).resolve()), str(Path(case.followup).resolve())}:
+            return job
+        return None
+
+    def measureCase(self, case, p, onChange=None):
+        """Measure, draw the diameters, apply RANO; ``onChange(html)`` is called when a line moves."""
+        from RANOResponseLib.measurement_scene import assess_case, assessment_html, observe_lines, reassess
+
+        if getattr(self, "_stopObserving", None):
+            self._stopObserving()
+        job = self._jobFor(case)
+        tfm = job.out / "followup_to_baseline.tfm" if job else None
+        self.lastAssessment = assess_case(
+            slicer.mrmlScene, case.baseline, case.followup, transform=tfm,
+            followup_transform_node_id=p.transform.GetID() if (job and p.transform) else None,
+            prediction=self.lastNodes.summary if job else None)
+
+        def moved():
+            self.lastAssessment = reassess(slicer.mrmlScene, self.lastAssessment)
+            if onChange:
+                onChange(assessment_html(self.lastAssessment))
+
+        self._stopObserving = observe_lines(self.lastAssessment.lines, moved)
+        return assessment_html(self.lastAssessment)
 
     def saveVerdict(self, session, p, agree, label, confidence, note):
-        summary = self.lastNodes.summary if self.lastNodes else None
-        session.save(label=None if agree else label, agree=agree, confidence=confidence, note=note,
-                     prediction=summary, rule=self.lastMeasurement)
+        job = self._jobFor(session.current)
+        assessment = getattr(self, "lastAssessment", None)
+        session.save(label=None if agree else label, confidence=confidence, note=note,
+                     prediction=self.lastNodes.summary if job else None,
+                     rule=assessment.rule if assessment else None)
 
     @staticmethod
     def exportVerdicts(database, path):
-        from RANOResponseLib.review import export_labels
+        from RANOResponseLib.review import ReviewStore
 
-        export_labels(Path(database), Path(path))
+        with ReviewStore(Path(database), create=False) as store:
+            store.export_csv(Path(path))
 
     def writeReport(self, p, path, session):
+        import tempfile
+
+        from RANOResponseLib.rano_rules import write_assessment
         from RANOResponseLib.report import write_report
 
-        if self.lastJob is None:
-            raise ValueError("Run Apply first: the report is built from a prediction.")
-        write_report(self.lastJob.out, Path(path), database=p.reviewDatabase if session else None,
-                     measurement=self.lastMeasurement)
+        job = self._jobFor(session.current) if session else self.lastJob
+        if job is None:
+            raise ValueError("Run Apply on this case first: the report is built from its prediction.")
+        measurements = None
+        assessment = getattr(self, "lastAssessment", None)
+        if assessment is not None:
+            measurements = Path(tempfile.mkdtemp(prefix="RANOResponse-report-")) / "measurements.json"
+            write_assessment(measurements, assessment.pair, assessment.rule, assessment.comparison)
+        write_report(job.out, Path(path), measurements=measurements,
+                     db=p.reviewDatabase if session else None,
+                     case_id=session.current.case_id if session else None)
 
 
 class RANOResponseTest(ScriptedLoadableModuleTest):

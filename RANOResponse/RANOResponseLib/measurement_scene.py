@@ -334,3 +334,84 @@ def observe_lines(lines: Sequence[DiameterLines], callback: Callable[[], None]) 
         tags.clear()
 
     return remove
+
+
+# ------------------------------------------------------------------ the review panel's assessment
+
+
+@dataclass
+class CaseAssessment:
+    """What the review panel shows for one case: measurements, the rule result, the lines, and the
+    comparison with the model (when there is a prediction)."""
+
+    pair: PairMeasurement
+    rule: RuleResult
+    lines: list[DiameterLines]
+    comparison: Any = None  # rano_rules.Comparison
+    prediction: dict | None = None
+
+    def summary(self) -> dict:
+        """What a verdict stores as the rule-based category and its reasons."""
+        return {"category": self.rule.category, "criteria": self.rule.criteria,
+                "reasoning": list(self.rule.reasoning)}
+
+
+def assess_case(
+    scene: Any,
+    baseline: Any,
+    followup: Any,
+    transform: Any = None,
+    followup_transform_node_id: str | None = None,
+    prediction: Any = None,
+    criteria: str = "RANO",
+    source: str = "auto",
+) -> CaseAssessment:
+    """Measure a case's two timepoint folders, draw the editable diameters, apply the rules.
+
+    ``transform`` (baseline -> follow-up points, e.g. predict's ``followup_to_baseline.tfm``) relates
+    native masks; ``followup_transform_node_id`` is the transform node the follow-up volumes observe,
+    so the follow-up lines sit on them. ``prediction``: a predict output folder or its summary.
+    """
+    from .measurement import measure_timepoints
+    from .rano_rules import compare_with_prediction
+
+    pair = measure_timepoints(baseline, followup, transform=transform, source=source)
+    lines = add_diameter_lines(scene, pair.baseline, "baseline")
+    lines += add_diameter_lines(scene, pair.followup, "followup", transform_node_id=followup_transform_node_id)
+    rule = decide(pair, criteria=criteria)
+    comparison = compare_with_prediction(rule, prediction) if prediction is not None else None
+    return CaseAssessment(pair, rule, lines, comparison, prediction)
+
+
+def reassess(scene: Any, assessment: CaseAssessment, criteria: str | None = None) -> CaseAssessment:
+    """The same case after the reader moved diameter lines: re-read them and re-apply the rules."""
+    from .rano_rules import compare_with_prediction
+
+    pair, rule = recompute(scene, assessment.pair, criteria=criteria or assessment.rule.criteria)
+    comparison = (compare_with_prediction(rule, assessment.prediction)
+                  if assessment.prediction is not None else None)
+    return CaseAssessment(pair, rule, assessment.lines, comparison, assessment.prediction)
+
+
+def assessment_html(assessment: CaseAssessment) -> str:
+    """A compact rich-text summary for the panel: lesion table, sums, category, reasons, agreement."""
+    from html import escape
+
+    from .measurement import lesion_table
+
+    rows = "".join(
+        f"<tr><td>{escape(r['timepoint'])}</td><td>{escape(r['lesion'])}</td>"
+        f"<td align='right'>{r['d1_mm']:.1f} x {r['d2_mm']:.1f}</td>"
+        f"<td align='right'>{r['product_mm2']:.0f}</td><td align='right'>{r['volume_ml']:.2f}</td>"
+        f"<td>{escape(r['measurable'])}</td><td>{escape(r['status'])}</td></tr>"
+        for r in lesion_table(assessment.pair))
+    table = ("<table border='1' cellspacing='0' cellpadding='2'><tr><th>time</th><th>lesion</th><th>d1 x d2 (mm)</th>"
+             f"<th>product (mm²)</th><th>volume (mL)</th><th>measurable</th><th>status</th></tr>{rows}</table>")
+    rule = assessment.rule
+    reasons = "".join(f"<li>{escape(s)}</li>" for s in rule.reasoning)
+    verdict = f"<p><b>{escape(rule.criteria)}: {escape(rule.category)}</b></p><ul>{reasons}</ul>"
+    if assessment.comparison is not None:
+        c = assessment.comparison
+        colour = "black" if c.agree else "#b00000"
+        verdict += f"<p style='color:{colour}'><b>{escape(c.message)}</b></p>"
+    return table + verdict

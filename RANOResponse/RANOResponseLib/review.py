@@ -560,3 +560,25 @@ class ReviewSession:
         if prediction is None:
             prediction = self.prediction()
         return self.store.save(make_verdict(self.current, self.reviewer, label, confidence, note, prediction, rule))
+
+
+def open_session(worklist: Path | str, database: Path | str, reviewer: str) -> ReviewSession:
+    """The review panel's entry: register a worklist (CSV or LUMIERE folder) in the shared database
+    and start at this reviewer's first unreviewed case."""
+    if not str(database).strip() or str(database) == ".":
+        raise RANOInputError("choose a review database file (it is shared by all reviewers of the worklist)")
+    session = ReviewSession(ReviewStore(database), reviewer, load_worklist(worklist))
+    session.first_unreviewed()
+    return session
+
+
+def session_text(session: ReviewSession) -> str:
+    """One line for the panel: where the reviewer is, and their verdict on this case if any."""
+    done, total = session.progress()
+    case = session.current
+    text = (f"Case {session.index + 1} of {total} ({done} reviewed by {session.reviewer}): "
+            f"{case.case_id}")
+    verdict = session.verdict()
+    if verdict is not None:
+        text += f"  [your verdict: {verdict.label}, confidence {verdict.confidence}]"
+    return text

@@ -1,0 +1,70 @@
+"""The review panel's logic on real MRML: assess a case (lines in the scene, rules, comparison with
+the model), recompute when a line moves, and a session saved and exported as training labels."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from RANOResponseLib.measurement_scene import (  # noqa: E402
+    assess_case,
+    assessment_html,
+    find_diameter_lines,
+    line_points,
+    reassess,
+)
+from RANOResponseLib.review import ReviewStore, open_session, session_text  # noqa: E402
+
+
+@pytest.fixture
+def prediction(case_pair):
+    return {"label": "PD", "probabilities": {"CR": 0.05, "PR": 0.05, "SD": 0.1, "PD": 0.8},
+            "bundle": {"id": "test-bundle"}}
+
+
+def test_assessment_draws_lines_and_compares(case_pair, prediction):
+    scene = slicer.vtkMRMLScene()
+    a = assess_case(scene, case_pair.baseline, case_pair.followup, prediction=prediction)
+    assert a.lines, "no diameter lines for a phantom with lesions"
+    assert len(find_diameter_lines(scene)) == len(a.lines)
+    assert a.rule.category in ("CR", "PR", "SD", "PD")
+    assert a.comparison.agree == (a.rule.category == "PD")
+    html = assessment_html(a)
+    assert a.rule.category in html and ("agree" in html or "DISAGREEMENT" in html)
+
+
+def test_moving_a_line_changes_the_measurement(case_pair):
+    scene = slicer.vtkMRMLScene()
+    a = assess_case(scene, case_pair.baseline, case_pair.followup)
+    lines = [ln for ln in a.lines if ln.timepoint == "followup"] or a.lines
+    ln = lines[0]
+    before = {le.id: le.product_mm2 for le in (a.pair.followup if ln.timepoint == "followup" else a.pair.baseline).lesions}
+    p0, p1 = line_points(ln.long)
+    ln.long.SetNthControlPointPosition(1, *(p0 + 2.0 * (np.asarray(p1) - p0)))  # twice as long
+    b = reassess(scene, a)
+    after = {le.id: le.product_mm2 for le in (b.pair.followup if ln.timepoint == "followup" else b.pair.baseline).lesions}
+    assert after[ln.lesion_id] == pytest.approx(2 * before[ln.lesion_id], rel=0.02)
+
+
+def test_session_saves_and_exports_labels(tmp_path, case_pair, prediction):
+    worklist = tmp_path / "worklist.csv"
+    with worklist.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "baseline", "followup"])
+        w.writerow(["case-1", case_pair.baseline, case_pair.followup])
+    db = tmp_path / "review.sqlite"
+    session = open_session(worklist, db, "dr-a")
+    assert "Case 1 of 1" in session_text(session) and "0 reviewed" in session_text(session)
+    session.save(label="SD", confidence=4, note="edge enhancement only", prediction=prediction, rule="SD")
+    assert "1 reviewed" in session_text(session) and "SD" in session_text(session)
+    out = tmp_path / "labels.csv"
+    with ReviewStore(db, create=False) as store:
+        store.export_csv(out)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1 and rows[0]["label"] == "SD" and rows[0]["model_label"] == "PD"
+    with pytest.raises(Exception, match="database"):
+        open_session(worklist, "", "dr-a")
