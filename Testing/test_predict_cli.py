@@ -25,7 +25,9 @@ from RANOResponseLib.pipeline import run_predict
 
 CUDA = torch.cuda.is_available()
 STAGES = ("read", "register", "crop_resample", "inference", "attributions", "write")
-ALL_OUTPUTS = {"prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png"}
+SLICES = {"slice_axial.png", "slice_coronal.png", "slice_sagittal.png"}
+ALL_OUTPUTS = {"prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png",
+               *SLICES, "scene"}
 
 
 def _predict_args(baseline: Path, followup: Path, out: Path, *extra: str) -> list[str]:
@@ -74,7 +76,11 @@ def test_prediction_json(predict_run, tiny_models):
     missing = set(STAGES) - set(timings)
     assert not missing, f"timings lack {missing}"
     assert all(isinstance(timings[k], (int, float)) and timings[k] >= 0 for k in STAGES)
-    assert set(s["outputs"].values()) == ALL_OUTPUTS - {"prediction.json"}
+    assert {v.split("/")[0] for v in s["outputs"].values()} == ALL_OUTPUTS - {"prediction.json"}
+    assert s["outputs"]["scene"] == "scene/RANOResponse.mrml"
+    grid = s["model_grid"]
+    assert grid["placed"] == "brain" and grid["size"] == list(bundle.spec.size)
+    assert grid["fov_mm"] == [n * d for n, d in zip(bundle.spec.size, bundle.spec.spacing)]
     assert s["inputs"]["baseline"]["CT1"] == str(modality_file(predict_run.result.baseline.folder, "CT1"))
     assert "not for clinical use" in s["note"]
     np.testing.assert_allclose(list(probs.values()), predict_run.result.prediction.probabilities, atol=1e-6)
@@ -85,8 +91,9 @@ def test_outputs_complete_and_nothing_else(predict_run):
     """Exactly the five outputs, no temporary or staging files, in --out or next to it."""
     assert {p.name for p in predict_run.out.iterdir()} == ALL_OUTPUTS
     assert [p.name for p in predict_run.out.parent.iterdir()] == [predict_run.out.name]
-    assert {p.name for p in predict_run.files.values()} == ALL_OUTPUTS
-    assert all(p.parent == predict_run.out for p in predict_run.files.values())
+    assert {p.relative_to(predict_run.out).parts[0] for p in predict_run.files.values()} == ALL_OUTPUTS
+    assert all(p.is_file() for p in predict_run.files.values())
+    assert (predict_run.out / "scene" / "RANOResponse.mrml").is_file()
 
 
 @pytest.mark.slow
@@ -120,11 +127,14 @@ def test_transform_file(predict_run):
 
 
 @pytest.mark.slow
-def test_overlay_png(predict_run):
-    """overlay.png is a complete PNG of a readable size that matplotlib can decode."""
-    path = predict_run.out / "overlay.png"
+@pytest.mark.parametrize("name", ["overlay.png", *sorted(SLICES)])
+def test_overlay_png(predict_run, name):
+    """overlay.png and the three slice views are complete PNGs of a readable size that
+    matplotlib can decode."""
+    path = predict_run.out / name
     w, h = png_size(path)
-    assert 400 <= w <= 5000 and 300 <= h <= 5000, (w, h)
+    lo = (400, 300) if name == "overlay.png" else (200, 200)
+    assert lo[0] <= w <= 5000 and lo[1] <= h <= 5000, (w, h)
     assert path.stat().st_size > 10_000
     import matplotlib.image
 
@@ -184,7 +194,7 @@ def test_cli_no_maps(tmp_path, case_pair, tiny_bundle, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.err == ""
-    assert {p.name for p in out.iterdir()} == {"prediction.json", "followup_to_baseline.tfm"}
+    assert {p.name for p in out.iterdir()} == {"prediction.json", "followup_to_baseline.tfm", "scene"}
     s = json.loads((out / "prediction.json").read_text())
     assert s["maps_explain"] is None
     assert "attributions" not in s["timings_s"]
@@ -248,6 +258,42 @@ def test_cli_refuses_out_that_is_a_file(tmp_path, case_pair, tiny_bundle, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+@pytest.mark.slow
+def test_cli_roi_center_places_the_crop(tmp_path, case_pair, tiny_bundle, predict_run, capsys):
+    """--roi-center R,A,S (RAS mm, a negative R included) centres the crop there: prediction.json
+    records it, and the network input differs from the default crop; --no-scene writes no scene."""
+    default = np.array(predict_run.summary["model_grid"]["center_ras"])
+    centre = default + (-12.0, 6.0, -18.0)
+    if centre[0] >= 0:
+        centre[0] = -abs(centre[0]) - 1.0  # exercise a value that starts with '-'
+    out = tmp_path / "roi"
+    rc = cli_main(_predict_args(case_pair.baseline, case_pair.followup, out, "--bundle", str(tiny_bundle),
+                                "--device", "cpu", "--no-maps", "--no-scene", "--quiet",
+                                "--roi-center", ",".join(f"{v:.3f}" for v in centre)))
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((out / "prediction.json").read_text())
+    np.testing.assert_allclose(s["model_grid"]["center_ras"], centre, atol=1e-3)
+    assert s["model_grid"]["placed"] == "roi"
+    assert s["probabilities"] != predict_run.summary["probabilities"]
+    assert not (out / "scene").exists()
+
+
+@pytest.mark.parametrize("value", ["1,2", "a,b,c", "1,2,inf"])
+def test_cli_roi_center_must_be_a_point(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["predict", "--baseline", "x", "--followup", "y", "--out", "z", "--roi-center", value])
+    assert info.value.code == 2
+    assert "R,A,S" in capsys.readouterr().err
+
+
+def test_cli_roi_beside_the_head_is_refused(tmp_path, case_pair, tiny_bundle, capsys):
+    """A crop that holds no brain: exit 2, one error line naming the study, nothing written."""
+    out = tmp_path / "results" / "case"
+    rc = cli_main(_predict_args(case_pair.baseline, case_pair.followup, out, "--bundle", str(tiny_bundle),
+                                "--device", "cpu", "--no-maps", "--quiet", "--roi-center", "900,0,0"))
+    _check_refused(rc, capsys.readouterr().err, str(case_pair.baseline), out)
+
+
 def test_cli_usage_error_exit_status(capsys):
     """A missing required option is an argparse usage error (exit 2), not a traceback."""
     with pytest.raises(SystemExit) as info:
@@ -284,4 +330,4 @@ def test_rerun_into_same_out_leaves_no_stale_outputs(tmp_path, case_pair, tiny_b
     (out / "notes.txt").write_text("mine")
     run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", attributions=False)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["followup_to_baseline.tfm", "notes.txt", "prediction.json"]
+    assert names == ["followup_to_baseline.tfm", "notes.txt", "prediction.json", "scene"]

@@ -1,7 +1,7 @@
 """``rano-response``: the command-line face of the core.
 
     rano-response phantom  --out DIR --patients N --seed S [--spacing MM]
-    rano-response predict  --baseline DIR --followup DIR --out OUT [--bundle B] [--device D]
+    rano-response predict  --baseline DIR --followup DIR --out OUT [--bundle B] [--device D] [--roi-center R,A,S]
     rano-response train    --data DIR --out RUN [...]          (ResponseTrainingLib)
     rano-response evaluate --bundle B --data DIR --out OUT
     rano-response bench    [--runs 3] [--spacing 1]
@@ -47,7 +47,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     result, files = run_predict(args.baseline, args.followup, args.out, bundle=args.bundle,
                                 device=args.device, attributions=not args.no_maps,
-                                progress=progress)
+                                progress=progress, roi_center=args.roi_center, scene=not args.no_scene)
     probs = "  ".join(f"{c}={p:.3f}" for c, p in result.probabilities.items())
     print(f"label: {result.label}")
     print(f"probabilities: {probs}")
@@ -247,6 +247,17 @@ def _add_review_parsers(sub: argparse._SubParsersAction) -> None:
     rp.set_defaults(func=_cmd_report)
 
 
+def _ras_point(text: str) -> tuple[float, float, float]:
+    """``R,A,S`` in mm (three finite numbers) for ``--roi-center``."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(abs(v) < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not R,A,S (three numbers in mm, e.g. 12.5,-20,8)")
+    return values  # type: ignore[return-value]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rano-response", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -268,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bundle", type=Path, default=None, help="model bundle folder (default: shipped)")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     pr.add_argument("--no-maps", action="store_true", help="skip saliency, Grad-CAM and the overlay")
+    pr.add_argument("--roi-center", type=_ras_point, default=None, metavar="R,A,S",
+                    help="centre of the crop in RAS mm, as Slicer shows it (default: the baseline brain's centre)")
+    pr.add_argument("--no-scene", action="store_true", help="do not write the Slicer scene (scene/RANOResponse.mrml)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_predict)
 
@@ -305,8 +319,20 @@ def _stop_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+def _attach_negative_points(argv: list[str]) -> list[str]:
+    """``--roi-center -12,5,30`` -> ``--roi-center=-12,5,30``: argparse takes a value that starts
+    with '-' (and is no plain number) for an option, so a point with a negative R would fail."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--roi-center" and arg.startswith("-"):
+            out[-1] = f"--roi-center={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _attach_negative_points(list(sys.argv[1:] if argv is None else argv))
     _stop_cleanly_on_sigterm()
     try:
         if argv and argv[0] == "train":

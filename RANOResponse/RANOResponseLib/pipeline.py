@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,14 +32,20 @@ from .preprocessing import (
     PreparedPair,
     RegistrationParams,
     RegistrationResult,
+    grid_center,
+    lps_to_ras,
     prepare_pair,
+    ras_to_lps,
     register_rigid,
     resample,
     to_reference,
 )
 
 Progress = Callable[[str, float], None]
-OUTPUT_NAMES = ("prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png")
+SCENE_FILE = "scene/RANOResponse.mrml"  # the Slicer scene predict writes (data files referred to)
+SLICE_VIEWS = ("slice_axial.png", "slice_coronal.png", "slice_sagittal.png")
+OUTPUT_NAMES = ("prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png",
+                *SLICE_VIEWS, SCENE_FILE.split("/")[0])
 
 
 @dataclass
@@ -55,6 +61,7 @@ class PairResult:
     prediction: Prediction
     maps: dict[str, sitk.Image] = field(default_factory=dict)  # on the baseline reference grid
     timings: dict[str, float] = field(default_factory=dict)
+    roi_center: tuple[float, float, float] | None = None  # RAS mm, when the crop was placed by hand
 
     @property
     def label(self) -> str:
@@ -63,6 +70,17 @@ class PairResult:
     @property
     def probabilities(self) -> dict[str, float]:
         return {c: float(p) for c, p in zip(self.bundle.class_names, self.prediction.probabilities)}
+
+    def model_grid(self) -> dict:
+        """Where the network looked: the crop's centre (RAS mm, as Slicer shows it) and size."""
+        grid = self.prepared.grid
+        return {
+            "center_ras": [round(v, 4) for v in lps_to_ras(grid_center(grid))],
+            "fov_mm": [float(n * s) for n, s in zip(grid.GetSize(), grid.GetSpacing())],
+            "size": list(grid.GetSize()),
+            "spacing_mm": list(grid.GetSpacing()),
+            "placed": "roi" if self.roi_center is not None else "brain",
+        }
 
     def summary(self) -> dict:
         spread = {c: float(s) for c, s in zip(self.bundle.class_names, self.prediction.spread)}
@@ -80,6 +98,7 @@ class PairResult:
                 "followup": {m: str(p) for m, p in self.followup.files.items()},
             },
             "registration": self.registration.as_dict(),
+            "model_grid": self.model_grid(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "map_scale": self.prediction.raw_max,
             "rano_response_version": __version__,
@@ -118,8 +137,13 @@ def predict_pair(
     registration: RegistrationParams | None = None,
     progress: Progress | None = None,
     notice: Callable[[str], None] | None = None,
+    roi_center: Sequence[float] | None = None,
 ) -> PairResult:
-    """Read, register, resample, run the model and (optionally) the maps, for one case pair."""
+    """Read, register, resample, run the model and (optionally) the maps, for one case pair.
+
+    ``roi_center``: centre of the crop in RAS mm (a Slicer ROI's centre, ``--roi-center``);
+    by default the crop is centred on the baseline brain.
+    """
     progress = progress or (lambda stage, frac: None)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -139,7 +163,8 @@ def predict_pair(
     progress("registered", 0.55)
 
     t = time.perf_counter()
-    prepared = prepare_pair(base, fu, reg.transform, bundle.spec)
+    centre = None if roi_center is None else ras_to_lps(roi_center)
+    prepared = prepare_pair(base, fu, reg.transform, bundle.spec, center=centre)
     x = torch.from_numpy(prepared.array[None]).to(dev)
     timings["crop_resample"] = time.perf_counter() - t
     progress("resampled", 0.65)
@@ -157,19 +182,56 @@ def predict_pair(
     timings.update(pred.timings)
     timings["total"] = time.perf_counter() - t_start
     progress("predicted", 0.9)
-    return PairResult(bundle, str(dev), base, fu, reg, prepared, pred, maps, timings)
+    roi = None if roi_center is None else tuple(float(v) for v in roi_center)
+    return PairResult(bundle, str(dev), base, fu, reg, prepared, pred, maps, timings, roi)  # type: ignore[arg-type]
 
 
-def write_outputs(result: PairResult, out: Path, overlay: bool = True) -> dict[str, Path]:
-    """Write prediction.json, the maps, the transform and the overlay montage into ``out``."""
+def scene_support() -> bool:
+    """Whether MRML (3D Slicer, or the slicer-core wheel) can be imported here."""
+    try:
+        import slicer
+    except ImportError:
+        return False
+    return hasattr(slicer, "vtkMRMLScene") and hasattr(slicer, "vtkMRMLSliceLogic")
+
+
+def _title(result: PairResult) -> str:
+    probs = "  ".join(f"{c} {p:.2f}" for c, p in result.probabilities.items())
+    return (f"Predicted {result.label}   ({probs})   bundle {result.bundle.id}\n"
+            f"research use only, not for clinical use")
+
+
+def write_outputs(result: PairResult, out: Path, overlay: bool = True, scene: bool = True) -> dict[str, Path]:
+    """Write prediction.json, the maps, the transform, the pictures and a Slicer scene into ``out``.
+
+    With MRML available (slicer-core, or Slicer itself) the pictures are rendered by Slicer's slice
+    logic from the same scene that is saved as ``scene/RANOResponse.mrml`` (which refers to the
+    input studies, maps and transform instead of copying them); otherwise ``overlay.png`` is drawn
+    with matplotlib and no scene is written.
+    """
     t = time.perf_counter()
+    out = Path(out)
     files: dict[str, Path] = {}
     for name, img in result.maps.items():
         files[name] = write_image(img, out / f"{name}.nii.gz")
     tfm = out / "followup_to_baseline.tfm"
     sitk.WriteTransform(result.registration.transform, str(tfm))
     files["transform"] = tfm
-    if overlay and result.maps:
+    pictures = overlay and bool(result.maps)
+    if (scene or pictures) and scene_support():
+        from .scene import new_scene, populate_scene, quiet_vtk, write_scene
+        from .slice_views import render_montage, render_slice_views
+
+        with quiet_vtk():
+            mrml = new_scene()
+            nodes = populate_scene(mrml, result, files=files)
+            if pictures:
+                files["overlay"] = render_montage(mrml, nodes, out / "overlay.png", _title(result))
+                views = render_slice_views(mrml, out, prefix="slice_")
+                files.update({f"slice_{o}": p for o, p in views.items()})
+            if scene:
+                files["scene"] = write_scene(mrml, out / SCENE_FILE, copy_data=False)
+    elif pictures:
         from .overlay import render_overlay
 
         reference = result.baseline.images[result.bundle.spec.reference_modality]
@@ -179,13 +241,11 @@ def write_outputs(result: PairResult, out: Path, overlay: bool = True) -> dict[s
                 shown[f"{mod}:baseline"] = result.baseline.images[mod]
                 shown[f"{mod}:followup"] = resample(result.followup.images[mod], reference,
                                                     result.registration.transform)
-        probs = "  ".join(f"{c} {p:.2f}" for c, p in result.probabilities.items())
-        title = (f"Predicted {result.label}   ({probs})   bundle {result.bundle.id}   "
-                 f"— research use only, not for clinical use")
-        files["overlay"] = render_overlay(out / "overlay.png", shown, result.maps, title)
+        files["overlay"] = render_overlay(out / "overlay.png", shown, result.maps,
+                                          _title(result).replace("\n", "   — "))
     result.timings["write"] = time.perf_counter() - t
     summary = result.summary()
-    summary["outputs"] = {k: p.name for k, p in files.items()}
+    summary["outputs"] = {k: p.relative_to(out).as_posix() for k, p in files.items()}
     files["prediction"] = write_text(json.dumps(summary, indent=2) + "\n", out / "prediction.json")
     return files
 
@@ -199,12 +259,16 @@ def run_predict(
     attributions: bool = True,
     progress: Progress | None = None,
     notice: Callable[[str], None] | None = None,
+    roi_center: Sequence[float] | None = None,
+    scene: bool = True,
 ) -> tuple[PairResult, dict[str, Path]]:
     """``rano-response predict``: all outputs appear in ``out`` together, or none do."""
-    result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice)
+    result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice,
+                          roi_center=roi_center)
     with atomic_output_dir(out, owned=OUTPUT_NAMES) as stage:
-        files = write_outputs(result, stage, overlay=attributions)
+        files = write_outputs(result, stage, overlay=attributions, scene=scene)
+        rel = {k: p.relative_to(stage) for k, p in files.items()}
     if progress:
         progress("written", 1.0)
     out = Path(out)
-    return result, {k: out / p.name for k, p in files.items()}
+    return result, {k: out / p for k, p in rel.items()}
