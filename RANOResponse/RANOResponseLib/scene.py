@@ -398,8 +398,10 @@ def roi_center(roi_node) -> tuple[float, float, float]:
 
 def heat_color_node(scene, kind: str):
     """The colour table for a map kind (Grad-CAM: inferno, saliency: viridis, from matplotlib:
-    perceptually uniform), with an opacity ramp so weak attribution fades into the anatomy.
+    perceptually uniform), transparent below :data:`MAP_THRESHOLD`.
 
+    (Slicer's slice views blend a layer by its threshold and the view's opacity, not by table
+    alpha; the threshold set by :func:`style_map` is what hides weak attribution there.)
     Built once per scene (found again by name); saved with the scene as a ``.ctbl``.
     """
     import matplotlib
@@ -417,8 +419,7 @@ def heat_color_node(scene, kind: str):
     for i in range(256):
         x = i / 255
         r, g, b, _ = cmap(x)
-        alpha = float(np.clip((x - MAP_THRESHOLD) / 0.3, 0.0, 1.0)) ** 0.5
-        node.SetColor(i, f"{x:.3f}", r, g, b, alpha)
+        node.SetColor(i, f"{x:.3f}", r, g, b, 1.0 if x >= MAP_THRESHOLD else 0.0)
     node.SetAttribute(ROLE, f"colors:{kind}")
     node.HideFromEditorsOff()  # listed in the Colors module like any table a user made
     scene.AddNode(node)

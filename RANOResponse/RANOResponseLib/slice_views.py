@@ -82,6 +82,13 @@ class SliceRenderer:
         rgba = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)
         return np.ascontiguousarray(rgba[::-1, :, :3])  # VTK rows run bottom-up
 
+    def to_pixel(self, ras: Sequence[float]) -> tuple[int, int]:
+        """(row, column) in the last render of a RAS point's projection onto the slice."""
+        m = self.node.GetXYToRAS()
+        xy_to_ras = np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+        x, y = (np.linalg.inv(xy_to_ras) @ [*[float(v) for v in ras], 1.0])[:2]
+        return int(round(self.size - 1 - y)), int(round(x))
+
     def edge_labels(self) -> dict[str, str]:
         """Anatomical direction at each image edge of the last render: left/right/top/bottom."""
         m = self.node.GetSliceToRAS()
@@ -126,16 +133,26 @@ def _paste(canvas: np.ndarray, rgba: np.ndarray, x: int, y: int, anchor: str = "
     canvas[y0:y1, x0:x1] = (src[..., :3] * a + dst * (1 - a)).astype(np.uint8)
 
 
-def label_view(view: np.ndarray, title: str, edges: Mapping[str, str]) -> np.ndarray:
-    """A copy of ``view`` with a title at the top left and the anatomical letter at each edge."""
+def label_view(view: np.ndarray, title: str, edges: Mapping[str, str] | None,
+               mark: tuple[int, int] | None = None) -> np.ndarray:
+    """A copy of ``view`` with a title at the top left, the anatomical letter at each edge
+    (``edges``: left/right/top/bottom) and a small cyan cross at pixel ``mark`` (row, column)."""
     out = view.copy()
     h, w = out.shape[:2]
+    if mark is not None:
+        r, c = mark
+        for d in range(-6, 7):
+            if abs(d) > 1:
+                for rr, cc in ((r + d, c), (r, c + d)):
+                    if 0 <= rr < h and 0 <= cc < w:
+                        out[rr, cc] = (0, 255, 255)
     yellow = (1.0, 0.85, 0.2)
     _paste(out, _text(title, 13), 4, 3)
-    _paste(out, _text(edges["left"], 14, yellow, True), 4, h // 2 - 7)
-    _paste(out, _text(edges["right"], 14, yellow, True), w - 4, h // 2 - 7, "ne")
-    _paste(out, _text(edges["top"], 14, yellow, True), w // 2, 3, "nc")
-    _paste(out, _text(edges["bottom"], 14, yellow, True), w // 2, h - 3, "sc")
+    if edges:
+        _paste(out, _text(edges["left"], 14, yellow, True), 4, h // 2 - 7)
+        _paste(out, _text(edges["right"], 14, yellow, True), w - 4, h // 2 - 7, "ne")
+        _paste(out, _text(edges["top"], 14, yellow, True), w // 2, 3, "nc")
+        _paste(out, _text(edges["bottom"], 14, yellow, True), w // 2, h - 3, "sc")
     return out
 
 
@@ -226,7 +243,7 @@ def render_montage(scene, nodes, path: Path | str, title: str = "", size: int = 
                                                               if k in maps]
     if center_ras is None:
         center_ras = peak_ras(maps["gradcam"]) if "gradcam" in maps else None
-    pad, head, side, bar = 6, 58, 26, 60
+    pad, head, side, bar = 6, 70, 26, 60
     width = side + len(cols) * (size + pad) + bar
     height = head + len(rows) * (size + pad) + 18
     canvas = np.zeros((height, width, 3), np.uint8)
@@ -238,7 +255,8 @@ def render_montage(scene, nodes, path: Path | str, title: str = "", size: int = 
                 img = r.render("Axial", scene.GetNodeByID(volumes[col]), fg, opacity, center_ras, fit=first)
                 mod, _, tp = col.partition(":")
                 x = side + ci * (size + pad)
-                canvas[y:y + size, x:x + size] = label_view(img, "", r.edge_labels())
+                mark = None if center_ras is None else r.to_pixel(center_ras)
+                canvas[y:y + size, x:x + size] = label_view(img, "", r.edge_labels() if ci == 0 else None, mark)
                 if ri == 0:
                     _paste(canvas, _text(f"{mod} {'follow-up' if tp == 'followup' else tp}", 15), x + size // 2,
                            head - 20, "nc")
@@ -251,7 +269,7 @@ def render_montage(scene, nodes, path: Path | str, title: str = "", size: int = 
                 _paste(canvas, _text("0", 12), x + 18, y + size - 24)
     for i, line in enumerate(title.split("\n")[:2]):
         _paste(canvas, _text(line, 14), width // 2, 6 + 18 * i, "nc")
-    where = "" if center_ras is None else " through the Grad-CAM peak"
+    where = "" if center_ras is None else " through the Grad-CAM peak (+)"
     _paste(canvas, _text(f"axial slices{where}; radiological view (patient right on the left)", 12),
            width // 2, height - 16, "nc")
     return write_png(canvas, path)
