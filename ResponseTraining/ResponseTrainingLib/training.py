@@ -208,11 +208,23 @@ class FoldPlan:
         return train, val, test
 
 
+def _grouped_splits(n_splits: int, labels: np.ndarray, groups: np.ndarray, seed: int) -> list:
+    """``StratifiedGroupKFold``; on cohorts too small to stratify (every class has fewer pairs
+    than splits) plain ``GroupKFold`` with shuffling: still grouped by patient."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    with warnings.catch_warnings():  # rare classes with fewer members than folds: expected
+        warnings.filterwarnings("ignore", message="The least populated class")
+        if np.bincount(labels).max() >= n_splits:
+            return list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels, groups))
+        return list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels, groups))
+
+
 def make_folds(labels: np.ndarray, groups: np.ndarray, folds: int = 5, loocv: bool = False,
                val_fraction: float = 0.2, seed: int = 0) -> FoldPlan:
     """Patient-grouped splits: stratified group k-fold or leave-one-patient-out for the test
     folds; in each fold, a stratified group split of the *training* patients for validation."""
-    from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
+    from sklearn.model_selection import LeaveOneGroupOut
 
     labels, groups = np.asarray(labels), np.asarray(groups)
     n_groups = len(set(groups.tolist()))
@@ -222,9 +234,7 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, folds: int = 5, loocv: bo
     else:
         if folds > n_groups:
             raise RANOInputError(f"--folds {folds}: only {n_groups} patients with usable pairs")
-        with warnings.catch_warnings():  # rare classes with fewer members than folds: expected
-            warnings.filterwarnings("ignore", message="The least populated class")
-            splits = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(labels, labels, groups))
+        splits = _grouped_splits(folds, labels, groups, seed)
         scheme = f"{folds}-fold stratified group k-fold (patients)"
     test_fold = np.full(len(labels), -1, dtype=int)
     vals = []
@@ -234,10 +244,7 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, folds: int = 5, loocv: bo
         k_val = min(max(2, round(1 / val_fraction)), len(set(rest_groups.tolist())))
         if k_val < 2:
             raise RANOInputError(f"fold {f}: fewer than 2 training patients; cannot carve a validation split")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The least populated class")
-            sgkf = StratifiedGroupKFold(k_val, shuffle=True, random_state=seed + 1 + f)
-            _, val_rel = next(sgkf.split(rest, labels[rest], rest_groups))
+        _, val_rel = _grouped_splits(k_val, labels[rest], rest_groups, seed + 1 + f)[0]
         vals.append(np.sort(rest[val_rel]))
     return FoldPlan(test_fold, vals, scheme)
 
@@ -746,6 +753,7 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
         "folds": [{k2: records[k][k2] for k2 in ("fold", "best_epoch", "epochs_run", "n_pairs")} for k in range(K)],
         "device": dev,
         "processes": dctx.world,
+        "torch_threads": torch.get_num_threads(),
         "grad_shards": dctx.world if dctx.world > 1 else cfg.grad_shards,
         "wall_seconds_this_session": round(seconds, 1),
         "torch": torch.__version__,
