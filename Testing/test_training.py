@@ -457,3 +457,22 @@ def test_script_entry_point_parses_args_after_double_dash(tmp_path):
     for flag in ("--folds", "--loocv", "--epochs", "--arch", "--modalities", "--pairing", "--seed", "--device",
                  "--resume", "--progress-json", "--hybrid", "--only-fold", "--grad-shards"):
         assert flag in usage, flag
+
+
+def test_weighting_grid_runs_each_cell(cohort, cache, tmp_path):
+    """`--loss-weighting equal,1/prevalence`: one CV run per cell (shared cache) and grid.csv."""
+    from ResponseTrainingLib.cli import main
+
+    out = tmp_path / "grid"
+    code, _ = _silent(main, ["--data", str(cohort), "--out", str(out), "--cache", str(cache), "--folds", "2",
+                             "--epochs", "1", "--no-augment", *TINY_ARGS, "--loss-weighting", "equal,1/prevalence",
+                             "--sampler-weighting", "1-prevalence"])
+    assert code == 0
+    grid = pd.read_csv(out / "grid.csv")
+    assert list(grid["loss_weighting"]) == ["equal", "1/prevalence"] and set(grid["sampler_weighting"]) == {
+        "1-prevalence"}
+    for run in grid["run"]:
+        cfg = json.loads((Path(run) / "summary.json").read_text())["provenance"]["config"]
+        assert cfg["sampler_weighting"] == "1-prevalence" and read_bundle(Path(run) / "bundle").weights
+    assert {json.loads((Path(r) / "summary.json").read_text())["provenance"]["config"]["loss_weighting"]
+            for r in grid["run"]} == {"equal", "1/prevalence"}

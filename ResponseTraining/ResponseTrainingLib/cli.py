@@ -32,6 +32,45 @@ def _triple(cast):
     return parse
 
 
+def _weightings(text: str) -> list[str]:
+    values = list(WEIGHTINGS) if text.strip() == "all" else [v.strip() for v in text.split(",") if v.strip()]
+    values = [WEIGHTING_ALIASES.get(v, v) for v in values]
+    bad = [v for v in values if v not in WEIGHTINGS]
+    if bad or not values:
+        raise RANOInputError(f"weighting {text!r}: use {', '.join(WEIGHTINGS)} (comma list) or 'all'")
+    return values
+
+
+def run_weighting_grid(cfg: TrainConfig, losses: list[str], samplers: list[str]) -> list[dict]:
+    """The reference study's class-weighting grid: one full cross-validation per (loss, sampler)
+    pair under ``OUT/grid/loss=<w>_sampler=<w>`` (one shared preprocessing cache), and
+    ``OUT/grid.csv`` with each run's CV summary. Choosing a pair by these test-fold figures is
+    itself selection on the test folds; report the grid, or nest it, rather than the best cell."""
+    import itertools
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from RANOResponseLib.io import write_text
+
+    rows = []
+    for loss, sampler in itertools.product(losses, samplers):
+        name = f"loss={loss}_sampler={sampler}".replace("/", "over")
+        sub = replace(cfg, out=Path(cfg.out) / "grid" / name, loss_weighting=loss, sampler_weighting=sampler,
+                      cache=cfg.cache or Path(cfg.out) / "cache", bundle_id=f"{cfg.bundle_id}-{name}")
+        print(f"weighting grid: {name}", file=sys.stderr, flush=True)
+        summary = train(sub)
+        if summary:
+            c = summary["cv"]["cnn"]
+            rows.append({"loss_weighting": loss, "sampler_weighting": sampler, "run": str(sub.out),
+                         **{f"median_{k}": v for k, v in c["median"].items()},
+                         **{f"mean_{k}": v for k, v in c["mean"].items()},
+                         **{f"sd_{k}": v for k, v in c["sd"].items()}})
+    if rows:
+        write_text(pd.DataFrame(rows).to_csv(index=False), Path(cfg.out) / "grid.csv")
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rano-response train", description="Cross-validate a response classifier on "
                                 "a LUMIERE-layout cohort (patient-grouped folds) and export the fold models as "
@@ -69,9 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weight-decay", type=float, default=0.01)
     m.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     m.add_argument("--plateau-patience", type=int, default=4, help="epochs without improvement before lr/10")
-    choices = WEIGHTINGS + tuple(WEIGHTING_ALIASES)
-    m.add_argument("--loss-weighting", default="1/prevalence", choices=choices, help="class weights in the loss")
-    m.add_argument("--sampler-weighting", default="equal", choices=choices, help="class weights when sampling")
+    names = ", ".join(WEIGHTINGS)
+    m.add_argument("--loss-weighting", default="1/prevalence",
+                   help=f"class weights in the loss: {names}; a comma list or 'all' runs the grid")
+    m.add_argument("--sampler-weighting", default="equal",
+                   help=f"class weights when sampling: {names}; a comma list or 'all' runs the grid")
     m.add_argument("--dropout", type=float, default=0.1)
     m.add_argument("--no-augment", action="store_true")
     m.add_argument("--grad-shards", type=int, default=1, help="split each batch into K parts with gradient "
@@ -117,7 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        train(cfg)
+        losses, samplers = _weightings(args.loss_weighting), _weightings(args.sampler_weighting)
+        if len(losses) * len(samplers) == 1:
+            cfg.loss_weighting, cfg.sampler_weighting = losses[0], samplers[0]
+            train(cfg)
+        else:
+            run_weighting_grid(cfg, losses, samplers)
     except RANOInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,8 @@ def evaluate(bundle_path: Path | str | None, data: Path | str, out: Path | str, 
     bundle = read_bundle(bundle_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs, table = build_pairs(data, bundle.spec.modalities)
+    pairing = bundle.meta.get("training", {}).get("config", {}).get("pairing", "previous")
+    pairs, table = build_pairs(data, bundle.spec.modalities, pairing)  # as the bundle was trained
     write_text(table.to_csv(index=False), out / "pairs.csv")
     rows, probs = [], []
     for pair in tqdm(pairs, desc="evaluate", unit="pair", file=sys.stderr):
