@@ -111,6 +111,15 @@ def _table_rows(node) -> list[tuple]:
     return cols, [tuple(t.GetValue(i, j).ToString() for j in range(len(cols))) for i in range(t.GetNumberOfRows())]
 
 
+def _parse_version(text: str) -> tuple:
+    """MRML's own parser of a scene file's version label."""
+    from vtkmodules.vtkCommonCore import reference
+
+    parts = [reference(""), reference(0), reference(0), reference(0), reference(0)]
+    assert slicer.vtkMRMLScene.ParseVersion(text, *parts), text
+    return tuple(p.get() if hasattr(p, "get") else p for p in parts)
+
+
 def _by_name(scene, name: str):
     node = scene.GetFirstNodeByName(name)
     assert node is not None, f"no node named {name!r}"
@@ -133,6 +142,11 @@ def test_node_round_trip_keeps_oblique_geometry_and_voxels():
     for idx in [(0, 0, 0), (12, 0, 8), (3, 10, 2)]:
         lps = np.array(img.TransformIndexToPhysicalPoint(idx))
         np.testing.assert_allclose((m @ [*idx, 1.0])[:3], lps * [-1, -1, 1], atol=1e-9)
+    # node -> Study -> node: the core's view of a node converts back to the same node
+    study = study_from_nodes({"CT1": node}, "oblique")
+    again = image_to_node(scene, study.images["CT1"], "again")
+    np.testing.assert_allclose(_ijk_to_ras(again), m, atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(node_to_image(again)), sitk.GetArrayViewFromImage(img))
     # shared voxels give the same node without a copy
     shared = image_to_node(scene, img, "shared", share=True)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(node_to_image(shared)), sitk.GetArrayViewFromImage(img))
@@ -455,8 +469,12 @@ def test_predict_writes_a_scene_that_reads_back(predicted, case_pair):
         gradcam=_by_name(scene, "RANO Grad-CAM").GetID(), saliency=_by_name(scene, "RANO Saliency").GetID())
     _check_prediction_nodes(scene, nodes, predicted.summary, predicted.out)
     # data files are referred to by relative names: the outputs beside the scene folder, no copies
-    files = {e.get("fileName") for e in ET.parse(path).getroot() if e.get("fileName")}
+    root = ET.parse(path).getroot()
+    files = {e.get("fileName") for e in root if e.get("fileName")}
     assert {"../gradcam.nii.gz", "../saliency.nii.gz", "../followup_to_baseline.tfm"} <= files
+    # labelled as Slicer labels its scenes (no "saved with another application" warning on loading)
+    app, major, minor, _, _ = _parse_version(root.get("version"))
+    assert app == "Slicer" and (major, minor) >= (5, 0)
     assert not any(Path(f).is_absolute() for f in files)
     assert not any(p.suffix == ".gz" for p in path.parent.iterdir())
 

@@ -792,6 +792,7 @@ def write_scene(scene, path: Path | str, copy_data: bool = True) -> Path:
     if path.suffix.lower() != ".mrml":
         raise RANOInputError(f"{path}: a scene file must end in .mrml or .mrb")
     register_storage_classes(scene)
+    _label_version(scene)
     used: set[str] = {path.name.lower()}
     for node in _nodes(scene, "vtkMRMLStorableNode"):
         if not node.GetSaveWithScene():
@@ -823,6 +824,24 @@ def write_scene(scene, path: Path | str, copy_data: bool = True) -> Path:
     finally:
         scene.SetSaveToXMLString(0)
     return path
+
+
+def _label_version(scene) -> None:
+    """The slicer-core wheel labels scenes "slicer-core 4.0.0 0", which Slicer reports on loading
+    as written by another application that "may not load correctly". The wheel is Slicer's own
+    MRML at a known revision (its version 5.13.31053 is Slicer 5.13, revision 31053), so a scene
+    it writes is labelled the way that Slicer labels its own. Scenes of Slicer itself are left as
+    they are."""
+    current = scene.GetVersion() or ""
+    if not current.startswith("slicer-core"):
+        return
+    try:
+        from importlib.metadata import version
+
+        major, minor, revision = version("slicer-core").split(".")[:3]
+    except Exception:  # noqa: BLE001 - not the wheel, or an unexpected version: keep the label
+        return
+    scene.SetVersion(f"Slicer {int(major)}.{int(minor)}.0 {int(revision)}")
 
 
 def register_storage_classes(scene) -> None:
