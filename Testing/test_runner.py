@@ -75,7 +75,7 @@ def test_apply_fills_the_scene(scene_with_studies, tiny_bundle):
     table = scene.GetNodeByID(nodes.table)
     assert table.GetNumberOfRows() >= 4
     # no second copy of the studies: the request's nodes were reused
-    assert len(scene.GetNodesByClass("vtkMRMLScalarVolumeNode")) == 8 + 2
+    assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 8 + 2
 
 
 def test_cancel_leaves_the_scene_and_disk_clean(scene_with_studies, tiny_bundle):
