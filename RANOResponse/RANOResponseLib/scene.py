@@ -341,12 +341,12 @@ def add_transform_node(scene, transform: sitk.Transform | Path | str, name: str,
 
 
 def harden(scene, node) -> bool:
-    """Apply a node's parent transform to its data for good (Slicer's "Harden transform")."""
+    """Apply a node's parent transform to its data for good (Slicer's "Harden transform", the
+    node's own ``HardenTransform``, which ``vtkSlicerTransformLogic.hardenTransform`` now calls).
+    ``scene`` is the node's scene (kept for a uniform signature)."""
     if node.GetParentTransformNode() is None:
         return True
-    logic = slicer.vtkSlicerTransformLogic()
-    logic.SetMRMLScene(scene)
-    return bool(logic.hardenTransform(node))
+    return bool(node.HardenTransform())
 
 
 # ------------------------------------------------------------------------------------ ROI
