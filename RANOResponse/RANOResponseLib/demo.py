@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nOutputs in {(args.out / 'prediction').absolute()}:")
     for name, path in files.items():
         print(f"  {name:11s} {path}")
-    print("Open overlay.png to see the maps; load the .nii.gz files over the baseline in 3D Slicer.")
+    scene = files.get("scene")
+    print("Open overlay.png (or slice_axial/coronal/sagittal.png) to see the maps"
+          + (f"; open {scene} in 3D Slicer for the arranged scene." if scene else "."))
     return 0
 
 

@@ -117,7 +117,7 @@ def finish_predict(scene, job: PredictJob):
     from .scene import load_outputs
 
     return load_outputs(scene, job.out, baseline_nodes=dict(job.request.baseline),
-                        followup_nodes=dict(job.request.followup))
+                        followup_nodes=dict(job.request.followup), roi=job.request.roi)
 
 
 def discard(job: PredictJob) -> None:
