@@ -6,8 +6,10 @@ The same arguments work three ways:
     python ResponseTraining/ResponseTraining.py train --data DIR --out RUN [...]
     Slicer --no-main-window --python-script ResponseTraining/ResponseTraining.py -- train --data DIR --out RUN [...]
 
-The training logic lives in ResponseTrainingLib (no Qt). The module's GUI (dataset, folds,
-architecture, progress, metrics plots) is tracked in the issue "The Slicer modules".
+The training logic lives in ResponseTrainingLib (no Qt). Inside Slicer this file is also the
+module: a thin widget (dataset, folds, architecture, modalities, output) that starts the same
+command in a background process with progress and cancel, then shows the per-fold metrics and
+plots and offers the exported bundle to the RANO Response module.
 """
 
 import os
