@@ -31,6 +31,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names=CL
                 "auc_ovr": float("nan"), "confusion_matrix": [[0] * len(labels) for _ in labels]}
     y_pred = np.asarray(proba).argmax(1)
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+    warnings.filterwarnings("ignore", message="A single label was found")  # tiny folds: one class only
     present = sorted(set(y_true.tolist()))
     auc = float("nan")
     if len(present) >= 2:

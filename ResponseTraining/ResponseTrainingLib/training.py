@@ -474,7 +474,10 @@ def train_fold(cfg: TrainConfig, fd: FoldData, dataset, labels: np.ndarray, pair
             scaler.step(opt)
             scaler.update()
             losses.append(float(total))
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            live = {"loss": f"{np.mean(losses):.3f}"}
+            if state["history"]:  # the last epoch's validation figures stay in view
+                live["val_bal_acc"] = f"{state['history'][-1]['val_balanced_accuracy']:.3f}"
+            bar.set_postfix(live)
         bar.close()
         if dctx.world > 1:  # everyone validates with process 0's batch-norm statistics
             for b in core.buffers():
