@@ -69,6 +69,8 @@ def plot_roc(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str], 
 def plot_learning_curves(histories: dict[int, pd.DataFrame], path: Path) -> Path:
     """Per fold: training and validation loss, and validation balanced accuracy, per epoch."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     n = max(1, len(histories))
     cols = min(n, 5)
     rows = int(np.ceil(n / cols))
@@ -83,6 +85,7 @@ def plot_learning_curves(histories: dict[int, pd.DataFrame], path: Path) -> Path
         ax2.set_ylim(0, 1)
         ax.set_title(f"fold {fold}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if fold == min(histories):
             lines = ax.get_lines() + ax2.get_lines()
             ax.legend(lines, [ln.get_label() for ln in lines], fontsize=6)
