@@ -25,7 +25,7 @@ from .preprocessing import NORMALIZATIONS, Channel, InputSpec
 
 FORMAT = "rano-response-bundle"
 FORMAT_VERSION = 1
-DEFAULT_BUNDLE_ID = "rano-compact-phantom-v1"
+DEFAULT_BUNDLE_ID = "rano-compact-phantom-v2"
 BUNDLE_ENV = "RANO_RESPONSE_BUNDLE"
 
 
