@@ -50,8 +50,9 @@ def test_shipped_bundle_is_valid_and_documented():
     assert size < 25 * 2**20, f"bundle is {size / 2**20:.1f} MB"
     card = (path / "MODEL_CARD.md").read_text(encoding="utf-8").lower()
     assert "not for clinical use" in card and "balanced accuracy" in card
-    test = bundle.meta["metrics"]["holdout_test"]
-    assert 0 <= test["balanced_accuracy"] <= 1 and test["n"] > 0
+    cv = bundle.meta["metrics"]["cv"]["cnn"]  # cross-validated figures of the image-only model
+    assert 0 <= cv["median"]["balanced_accuracy"] <= 1 and cv["pooled"]["n"] > 0
+    assert cv["folds"] == len(bundle.weights)  # one model per fold, all shipped
     assert bundle.meta["training"]["command"].startswith("rano-response train")
     assert bundle.meta["training"]["device"]
 

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stack: [follow-up, baseline] per modality; difference: follow-up minus baseline")
     g.add_argument("--pairing", default="previous", choices=PAIRINGS,
                    help="baseline = scan right before, or latest Post-Op/PR/CR reference (BraTPRO)")
+    g.add_argument("--labels", type=Path, default=None,
+                   help="radiologists' verdicts (`rano-response review export`): they replace the rating CSV's "
+                        "label of the same pair and add reviewed pairs; several reviewers are combined by majority")
     g.add_argument("--spacing", type=_triple(float), default=(2.0, 2.0, 2.0), help="model grid mm, e.g. 2 or 2,2,2")
     g.add_argument("--size", type=_triple(int), default=(80, 96, 80), help="model grid voxels x,y,z")
     g.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default OUT/cache); share it "
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = TrainConfig(
             data=args.data, out=args.out, arch=args.arch, modalities=mods, channels=args.channels,
-            pairing=args.pairing, folds=args.folds, loocv=args.loocv, val_fraction=args.val_fraction,
+            pairing=args.pairing, labels=args.labels, folds=args.folds, loocv=args.loocv, val_fraction=args.val_fraction,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             patience=args.patience, plateau_patience=args.plateau_patience, loss_weighting=args.loss_weighting,
             sampler_weighting=args.sampler_weighting, seed=args.seed, device=args.device, spacing=args.spacing,

@@ -61,7 +61,14 @@ from RANOResponseLib.preprocessing import InputSpec, default_channels, differenc
 
 from .data import EpochView, augmenter, cache_pairs, cached_dataset, item_seed, stacked
 from .hybrid import CLASSIFIERS, HYBRID_FIT, fit_predict
-from .lumiere import CLINICAL_FEATURES, build_pairs, clinical_features, print_pair_table, read_clinical
+from .lumiere import (
+    CLINICAL_FEATURES,
+    apply_review_labels,
+    build_pairs,
+    clinical_features,
+    print_pair_table,
+    read_clinical,
+)
 from .metrics import SCALAR_METRICS, classification_metrics, summarise
 
 WEIGHTINGS = ("equal", "1-prevalence", "1/prevalence")
@@ -85,6 +92,7 @@ class TrainConfig:
     modalities: tuple[str, ...] = MODALITIES
     channels: str = "stack"  # stack: [follow-up, baseline] per modality; difference: follow-up - baseline
     pairing: str = "previous"
+    labels: Path | None = None  # review export (rano-response review export): overrides/adds labels
     folds: int = 5
     loocv: bool = False
     val_fraction: float = 0.2
@@ -577,6 +585,8 @@ def _run(cfg: TrainConfig, dctx: DistContext, device: torch.device) -> dict[str,
 
     spec = cfg.spec()
     pairs, table = build_pairs(cfg.data, cfg.modalities, cfg.pairing)
+    if cfg.labels:
+        pairs, table = apply_review_labels(pairs, table, cfg.labels, cfg.data, cfg.modalities)
     if dctx.main:
         write_text(table.to_csv(index=False), out / "pairs.csv")
         print_pair_table(table)
