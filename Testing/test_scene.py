@@ -386,8 +386,9 @@ def test_results_table():
     scene = new_scene()
     node = add_results_table(scene, SUMMARY, "results")
     cols, rows = _table_rows(node)
-    assert cols == ["Class", "Probability", "Ensemble spread", "Predicted"]
+    assert cols == ["Class", "Probability", "Ensemble spread", "Predicted", "Model"]
     assert [r[0] for r in rows] == ["CR", "PR", "SD", "PD"]
+    assert {r[4] for r in rows} == {"bundle-x"}  # the model id is visible in the table view
     assert [float(r[1]) for r in rows] == [0.1, 0.2, 0.3, 0.4]
     assert [float(r[2]) for r in rows] == [0.01, 0.02, 0.03, 0.04]
     assert [r[3] for r in rows] == ["", "", "", "yes"]

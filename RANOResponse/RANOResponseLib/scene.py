@@ -569,24 +569,28 @@ def fit_slice_views(scene, layouts: Sequence[str] | None = None) -> None:
 
 def add_results_table(scene, summary: Mapping[str, Any], name: str, node=None):
     """A table node of the prediction: one row per class with its probability, the ensemble
-    spread and a mark on the predicted class; the label, bundle id, map target and version are
-    node attributes (``RANOResponse.label``, ``.bundle``, ``.maps_explain``, ``.version``)."""
+    spread, a mark on the predicted class and the model (bundle id) that made it, visible in
+    Slicer's table view; the label, bundle id, map target and version are also node attributes
+    (``RANOResponse.label``, ``.bundle``, ``.maps_explain``, ``.version``)."""
     probs = summary["probabilities"]
     spread = summary.get("ensemble_spread", {})
-    cls, prob, spr, pred = vtkStringArray(), vtkDoubleArray(), vtkDoubleArray(), vtkStringArray()
-    for arr, col in ((cls, "Class"), (prob, "Probability"), (spr, "Ensemble spread"), (pred, "Predicted")):
+    bundle = summary.get("bundle", {}).get("id", "")
+    cls, prob, spr, pred, model = (vtkStringArray(), vtkDoubleArray(), vtkDoubleArray(), vtkStringArray(),
+                                   vtkStringArray())
+    for arr, col in ((cls, "Class"), (prob, "Probability"), (spr, "Ensemble spread"), (pred, "Predicted"),
+                     (model, "Model")):
         arr.SetName(col)
     for c, p in probs.items():
         cls.InsertNextValue(c)
         prob.InsertNextValue(float(p))
         spr.InsertNextValue(float(spread.get(c, 0.0)))
         pred.InsertNextValue("yes" if c == summary["label"] else "")
+        model.InsertNextValue(str(bundle))
     table = vtkTable()
-    for arr in (cls, prob, spr, pred):
+    for arr in (cls, prob, spr, pred, model):
         table.AddColumn(arr)
     node = node or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     node.SetAndObserveTable(table)
-    bundle = summary.get("bundle", {}).get("id", "")
     node.SetAttribute("RANOResponse.label", str(summary["label"]))
     node.SetAttribute("RANOResponse.bundle", str(bundle))
     node.SetAttribute("RANOResponse.maps_explain", str(summary.get("maps_explain") or ""))
