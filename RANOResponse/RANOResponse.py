@@ -195,6 +195,8 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLoadStudies(self):
         p = self._parameterNode
+        if not self.logic.ensurePackages():
+            return
         with slicer.util.tryWithErrorDisplay("Could not load the studies.", waitCursor=True):
             for role in ("baseline", "followup"):
                 folder = getattr(p, f"{role}Folder")
@@ -206,6 +208,8 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFitRoi(self):
         p = self._parameterNode
+        if not self.logic.ensurePackages():
+            return
         with slicer.util.tryWithErrorDisplay("Could not fit the region.", waitCursor=True):
             p.roi = self.logic.fitRoi(p)
 
@@ -340,11 +344,11 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def requiredModalities(bundle_path=None) -> tuple[str, ...]:
-        from RANOResponseLib.bundle import read_bundle
+        try:  # before the packages are installed, or with a bad bundle path: Apply reports it
+            from RANOResponseLib.bundle import read_bundle
 
-        try:
             bundle = read_bundle(bundle_path if bundle_path and str(bundle_path) not in ("", ".") else None)
-        except Exception:  # a bad bundle path is reported when Apply runs
+        except Exception:
             return MODALITIES
         return tuple(bundle.spec.modalities)
 
