@@ -146,6 +146,8 @@ try:  # inside Slicer: the module, its parameter node and its thin widget
                 self._run.cancel()
                 self._finish("Cancelled. Train again with 'Resume' checked to continue from the last epoch.")
                 return
+            if not self.logic.ensurePackages():
+                return
             with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
                 args = self.logic.trainArguments(self._parameterNode, self.ui.deviceComboBox.currentData)
                 self.ui.commandLabel.text = "Same run headless:  rano-response train " + " ".join(args)
@@ -218,6 +220,13 @@ try:  # inside Slicer: the module, its parameter node and its thin widget
 
         def getParameterNode(self):
             return ResponseTrainingParameterNode(super().getParameterNode())
+
+        @staticmethod
+        def ensurePackages():
+            """The same install-after-asking as the RANO Response module (torch, then pip packages)."""
+            import RANOResponse
+
+            return RANOResponse.RANOResponseLogic.ensurePackages()
 
         @staticmethod
         def trainArguments(p, device="auto"):
