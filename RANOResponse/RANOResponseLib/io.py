@@ -84,11 +84,12 @@ def _read_nifti_voxels(path: Path) -> np.ndarray:
     return np.asarray(img.dataobj)
 
 
-def read_image(path: Path | str) -> sitk.Image:
-    """Read one 3D image as float32, refusing anything a prediction must not be built on.
+def read_voxels(path: Path | str, what: str = "image") -> tuple[np.ndarray, sitk.ImageFileReader]:
+    """The voxels of one single-component 3D file (z, y, x, its own dtype) and the reader that
+    holds its geometry; errors name the file and say what is wrong (``what``: image, label map...).
 
-    Raises :class:`RANOInputError` naming the file for: unreadable/corrupt or truncated files,
-    images that are not 3D, NaN or infinite voxels, and empty (all-zero or constant) images.
+    NIfTI voxels are decoded by nibabel after a full gzip CRC check (a truncated ``.nii.gz`` is an
+    error, not zeros); geometry always comes from SimpleITK's header reader.
     """
     path = Path(path)
     if not path.is_file():
@@ -98,35 +99,50 @@ def read_image(path: Path | str) -> sitk.Image:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise RANOInputError(f"{path}: unreadable image ({_first_line(e)})") from None
+        raise RANOInputError(f"{path}: unreadable {what} ({_first_line(e)})") from None
     size = [s for s in reader.GetSize()]
     if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
         shape = "x".join(str(s) for s in size)
         comps = reader.GetNumberOfComponents()
         extra = f" with {comps} components" if comps != 1 else ""
         raise RANOInputError(
-            f"{path}: not a 3D image ({reader.GetDimension()}D, size {shape}{extra})"
+            f"{path}: not a 3D {what} ({reader.GetDimension()}D, size {shape}{extra})"
         )
-    name = path.name.lower()
     try:
-        if name.endswith((".nii", ".nii.gz")):
+        if path.name.lower().endswith((".nii", ".nii.gz")):
             vox = _read_nifti_voxels(path)
             if vox.ndim != 3:
-                raise RANOInputError(f"{path}: not a 3D image (data shape {vox.shape})")
-            arr = np.ascontiguousarray(vox.transpose(2, 1, 0), dtype=np.float32)
-            image = sitk.GetImageFromArray(arr)
-            image.SetOrigin(reader.GetOrigin())
-            image.SetSpacing(reader.GetSpacing())
-            image.SetDirection(reader.GetDirection())
+                raise RANOInputError(f"{path}: not a 3D {what} (data shape {vox.shape})")
+            arr = np.asarray(vox).transpose(2, 1, 0)
         else:
-            image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
-            arr = sitk.GetArrayViewFromImage(image)
+            arr = sitk.GetArrayFromImage(reader.Execute())
     except RANOInputError:
         raise
     except (EOFError, OSError, ValueError, RuntimeError, ImageFileError) as e:
-        raise RANOInputError(f"{path}: truncated or corrupt image data ({_first_line(e)})") from None
+        raise RANOInputError(f"{path}: truncated or corrupt {what} data ({_first_line(e)})") from None
     if min(arr.shape) < 2:
-        raise RANOInputError(f"{path}: not a 3D image (size {'x'.join(map(str, size))})")
+        raise RANOInputError(f"{path}: not a 3D {what} (size {'x'.join(map(str, size))})")
+    return arr, reader
+
+
+def image_from_voxels(arr: np.ndarray, reader: sitk.ImageFileReader, dtype=np.float32) -> sitk.Image:
+    """A SimpleITK image of ``arr`` with the geometry ``reader`` read from the file's header."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=dtype))
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
+    return image
+
+
+def read_image(path: Path | str) -> sitk.Image:
+    """Read one 3D image as float32, refusing anything a prediction must not be built on.
+
+    Raises :class:`RANOInputError` naming the file for: unreadable/corrupt or truncated files,
+    images that are not 3D, NaN or infinite voxels, and empty (all-zero or constant) images.
+    """
+    arr, reader = read_voxels(path, "image")
+    image = image_from_voxels(arr, reader)
+    arr = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(arr).all():
         n = int((~np.isfinite(arr)).sum())
         raise RANOInputError(f"{path}: contains {n} NaN or infinite voxels")

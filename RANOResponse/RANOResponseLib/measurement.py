@@ -329,41 +329,15 @@ def read_segmentation(path: Path | str) -> sitk.Image:
     Unlike :func:`io.read_image` an all-zero map is fine (no tumour is a valid finding). A
     truncated ``.nii.gz`` is caught the same way (voxels decoded by nibabel, gzip CRC checked).
     """
-    from .io import _first_line, _read_nifti_voxels
+    from .io import image_from_voxels, read_voxels
 
-    path = Path(path)
-    if not path.is_file():
-        raise RANOInputError(f"{path}: segmentation file not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise RANOInputError(f"{path}: unreadable segmentation ({_first_line(e)})") from None
-    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
-        raise RANOInputError(f"{path}: not a 3D label map ({reader.GetDimension()}D, "
-                             f"{reader.GetNumberOfComponents()} components)")
-    try:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            vox = _read_nifti_voxels(path)
-            if vox.ndim != 3:
-                raise RANOInputError(f"{path}: not a 3D label map (data shape {vox.shape})")
-            arr = np.asarray(vox).transpose(2, 1, 0)
-        else:
-            arr = sitk.GetArrayFromImage(reader.Execute())
-    except RANOInputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - EOFError, OSError, zlib/nibabel errors: all mean a bad file
-        raise RANOInputError(f"{path}: truncated or corrupt segmentation ({_first_line(e)})") from None
+    arr, reader = read_voxels(path, "segmentation")
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
             raise RANOInputError(f"{path}: not a label map (non-integer voxel values)")
     if arr.size and (arr.min() < 0 or arr.max() > 65535):
         raise RANOInputError(f"{path}: not a label map (values {arr.min()}..{arr.max()})")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.uint16))
-    image.SetOrigin(reader.GetOrigin())
-    image.SetSpacing(reader.GetSpacing())
-    image.SetDirection(reader.GetDirection())
+    image = image_from_voxels(arr, reader, np.uint16)
     return image
 
 
