@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
-from scipy.spatial import ConvexHull
-from scipy.spatial.distance import pdist, squareform
+
+from .measurement import bidimensional
 
 __all__ = [
     "PhantomConfig",
@@ -490,40 +490,10 @@ def _enhancing_lesions(
         z = int(np.argmax(mask.sum(axis=(1, 2))))
         yx = np.argwhere(mask[z])
         points = np.column_stack([yx[:, 1] * sx, yx[:, 0] * sy])  # (x, y) in mm
-        d1, d2 = _bidimensional_diameters(points, sx, sy)
+        d = bidimensional(points, sx, sy)  # the measurement assistant's own definition
+        d1, d2 = d.d1, d.d2
         out.append((label_id, d1, d2))
     return components, box, out
-
-
-def _bidimensional_diameters(points: np.ndarray, sx: float, sy: float) -> tuple[float, float]:
-    """Longest diameter of a 2D pixel set and its longest perpendicular extent, in mm.
-
-    Written by hand because scikit-image is not a dependency (its ``regionprops`` gives the max
-    Feret diameter but not the perpendicular one). The longest diameter joins two convex hull
-    vertices of the pixel centres; each extent then gets one pixel added (``hypot(ux*sx, uy*sy)``
-    along direction ``u``: the pixel size, independent of direction when pixels are square), so
-    that the result measures the pixels rather than the distance between their centres.
-    """
-    if len(points) == 1:
-        return max(sx, sy), min(sx, sy)
-    hull_points = points
-    if len(points) >= 3:
-        try:
-            hull_points = points[ConvexHull(points).vertices]
-        except Exception:  # scipy's QhullError: collinear points, keep them all
-            hull_points = points
-    distances = squareform(pdist(hull_points))
-    i, j = np.unravel_index(int(np.argmax(distances)), distances.shape)
-    axis = hull_points[j] - hull_points[i]
-    axis = axis / np.linalg.norm(axis)
-    perpendicular = np.array([-axis[1], axis[0]])
-
-    def extent(direction: np.ndarray) -> float:
-        projection = points @ direction
-        footprint = math.hypot(direction[0] * sx, direction[1] * sy)
-        return float(projection.max() - projection.min() + footprint)
-
-    return extent(axis), extent(perpendicular)
 
 
 # --------------------------------------------------------------------------------------------
