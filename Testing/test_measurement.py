@@ -376,12 +376,13 @@ def scene():
 
 
 def test_volume_node_round_trip_keeps_geometry(scene):
-    from RANOResponseLib.measurement_scene import image_from_volume_node, volume_node_from_image
+    from RANOResponseLib.measurement_scene import volume_node_from_image
+    from RANOResponseLib.scene import node_to_image
 
     size, spacing, direction, _ = GRIDS["rotated+flipped 0.5x0.5x3"]
     seg = ellipse(size, spacing, direction)
     node = volume_node_from_image(scene, seg, "seg")
-    back = image_from_volume_node(node)
+    back = node_to_image(node)
     assert np.allclose(back.GetOrigin(), seg.GetOrigin()) and np.allclose(back.GetSpacing(), seg.GetSpacing())
     assert np.allclose(back.GetDirection(), seg.GetDirection())
     assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(seg))

@@ -31,7 +31,9 @@ from .measurement import (
     TimepointMeasurement,
     with_diameters,
 )
+from .preprocessing import lps_to_ras, ras_to_lps
 from .rano_rules import RANOThresholds, RuleResult, decide
+from .scene import node_to_image
 
 ATTR = "RANOResponse.diameter"  # "<timepoint>:<lesion id>:<long|perpendicular>"
 TIMEPOINTS = ("baseline", "followup")
@@ -39,22 +41,7 @@ COLORS = {"baseline": (1.0, 0.85, 0.1), "followup": (0.1, 0.85, 1.0)}
 PERPENDICULAR_TOLERANCE_DEG = 10.0
 
 
-def lps_to_ras(p: Sequence[float]) -> tuple[float, float, float]:
-    return (-float(p[0]), -float(p[1]), float(p[2]))
-
-
-ras_to_lps = lps_to_ras  # the same sign flip both ways
-
-
 # ------------------------------------------------------------------------------ volumes
-
-
-def image_from_volume_node(node: Any) -> sitk.Image:
-    """A scalar/labelmap volume node as a SimpleITK image with the same physical geometry
-    (the node's own voxels; a parent transform is not applied). :func:`scene.node_to_image`."""
-    from .scene import node_to_image
-
-    return node_to_image(node)
 
 
 def volume_node_from_image(scene: Any, image: sitk.Image, name: str, labelmap: bool = True) -> Any:
@@ -132,7 +119,7 @@ def labelmap_from_segmentation(
         logic = slicer.vtkSlicerSegmentationsModuleLogic()
         if not logic.ExportSegmentsToLabelmapNode(seg_node, ids, out, reference_node):
             raise RANOInputError(f"{seg_node.GetName()}: exporting the segments to a labelmap failed")
-        image = image_from_volume_node(out)
+        image = node_to_image(out)
     finally:
         scene.RemoveNode(out)
     arr = sitk.GetArrayViewFromImage(image)
@@ -157,7 +144,7 @@ def segmentation_image(node: Any, enhancing: Sequence[str] | None = None, core: 
     if node.IsA("vtkMRMLSegmentationNode"):
         return labelmap_from_segmentation(node, enhancing, core, reference_node), DEEPBRATUMIA
     if node.IsA("vtkMRMLVolumeNode"):
-        image = image_from_volume_node(node)
+        image = node_to_image(node)
         if scheme is None:
             values = set(np.unique(sitk.GetArrayViewFromImage(image)).tolist())
             scheme = BINARY if values <= {0, 1} else DEEPBRATUMIA
