@@ -338,19 +338,25 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
         self.lastNodes = None
         self.lastAssessment = None
         self._stopObserving = None
+        self._modalities = (None, MODALITIES)
 
     def getParameterNode(self):
         return RANOResponseParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def requiredModalities(bundle_path=None) -> tuple[str, ...]:
+    def requiredModalities(self, bundle_path=None) -> tuple[str, ...]:
+        """The bundle's modalities; asked on every parameter change (slider drags included), so
+        bundle.json is read again only when the path or the file's modification time changes."""
         try:  # before the packages are installed, or with a bad bundle path: Apply reports it
-            from RANOResponseLib.bundle import read_bundle
+            from RANOResponseLib.bundle import default_bundle_path, read_bundle
 
-            bundle = read_bundle(bundle_path if bundle_path and str(bundle_path) not in ("", ".") else None)
+            path = Path(bundle_path) if bundle_path and str(bundle_path) not in ("", ".") else default_bundle_path()
+            meta = path if path.is_file() else path / "bundle.json"  # read_bundle takes either
+            key = (str(path), meta.stat().st_mtime_ns)
+            if self._modalities[0] != key:
+                self._modalities = (key, tuple(read_bundle(path).spec.modalities))
         except Exception:
             return MODALITIES
-        return tuple(bundle.spec.modalities)
+        return self._modalities[1]
 
     @staticmethod
     def chooseDevice(requested):
