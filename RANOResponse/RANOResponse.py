@@ -16,20 +16,20 @@ from typing import Annotated
 
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.util import VTKObservationMixin
 from slicer import (
     vtkMRMLLinearTransformNode,
     vtkMRMLMarkupsROINode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLTableNode,
 )
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _p in (_HERE, os.path.join(os.path.dirname(_HERE), "ResponseTraining")):
@@ -109,7 +109,7 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RANOResponseLogic()
 
-        from RANOResponseLib.process import gpu_choices
+        from RANOResponseLib.model.device import gpu_choices
 
         for device, label in gpu_choices():
             self.ui.deviceComboBox.addItem(label, device)
@@ -347,7 +347,7 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
         """The bundle's modalities; asked on every parameter change (slider drags included), so
         bundle.json is read again only when the path or the file's modification time changes."""
         try:  # before the packages are installed, or with a bad bundle path: Apply reports it
-            from RANOResponseLib.bundle import default_bundle_path, read_bundle
+            from RANOResponseLib.model.bundle import default_bundle_path, read_bundle
 
             path = Path(bundle_path) if bundle_path and str(bundle_path) not in ("", ".") else default_bundle_path()
             meta = path if path.is_file() else path / "bundle.json"  # read_bundle takes either
@@ -360,18 +360,18 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def chooseDevice(requested):
-        from RANOResponseLib.process import choose_device
+        from RANOResponseLib.model.device import choose_device
 
         return choose_device(requested or "auto")
 
     def loadStudy(self, folder, role):
-        from RANOResponseLib.scene import load_study_nodes
+        from RANOResponseLib.mrml.scene import load_study_nodes
 
         return load_study_nodes(slicer.mrmlScene, Path(folder), MODALITIES, role)
 
     def fitRoi(self, p):
-        from RANOResponseLib.bundle import read_bundle
-        from RANOResponseLib.scene import fit_roi
+        from RANOResponseLib.model.bundle import read_bundle
+        from RANOResponseLib.mrml.scene import fit_roi
 
         bundle = read_bundle(p.bundle if p.bundle and str(p.bundle) not in ("", ".") else None)
         reference = getattr(p, f"baseline{bundle.spec.reference_modality}")
@@ -380,7 +380,7 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def ensurePackages() -> bool:
         """Install what the core needs after asking: torch through PyTorchUtils, the rest with pip."""
-        from RANOResponseLib.dependencies import missing_packages, torch_missing
+        from RANOResponseLib.mrml.dependencies import missing_packages, torch_missing
 
         if torch_missing():
             if not slicer.util.confirmOkCancelDisplay(
@@ -402,8 +402,8 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
         return True
 
     def startPrediction(self, p, device):
-        from RANOResponseLib.process import slicer_python
-        from RANOResponseLib.runner import PredictRequest, start_predict
+        from RANOResponseLib.mrml.process import slicer_python
+        from RANOResponseLib.mrml.runner import PredictRequest, start_predict
 
         modalities = self.requiredModalities(p.bundle)
         request = PredictRequest(
@@ -417,12 +417,12 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def cancel(job):
-        from RANOResponseLib.runner import discard
+        from RANOResponseLib.mrml.runner import discard
 
         discard(job)
 
     def finishPrediction(self, p, job) -> dict:
-        from RANOResponseLib.runner import finish_predict
+        from RANOResponseLib.mrml.runner import finish_predict
 
         nodes = finish_predict(slicer.mrmlScene, job)
         self.lastNodes = nodes
@@ -438,7 +438,7 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def showMap(p):
-        from RANOResponseLib.scene import show_overlay
+        from RANOResponseLib.mrml.scene import show_overlay
 
         fg = p.gradcam if p.mapName == "Grad-CAM" else p.saliency
         bg = p.baselineCT1 or p.baselineT1
@@ -455,14 +455,14 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def saveScene(path):
-        from RANOResponseLib.scene import write_scene
+        from RANOResponseLib.mrml.scene import write_scene
 
         write_scene(slicer.mrmlScene, Path(path))
 
     # review panel: RANOResponseLib.review / measurement_scene / rano_rules / report
     @staticmethod
     def openReview(worklist, database, reviewer):
-        from RANOResponseLib.review import open_session
+        from RANOResponseLib.review.store import open_session
 
         return open_session(Path(worklist), Path(database), reviewer)
 
@@ -472,7 +472,7 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def caseText(session) -> str:
-        from RANOResponseLib.review import session_text
+        from RANOResponseLib.review.store import session_text
 
         return session_text(session)
 
@@ -486,7 +486,12 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     def measureCase(self, case, p, onChange=None):
         """Measure, draw the diameters, apply RANO; ``onChange(html)`` is called when a line moves."""
-        from RANOResponseLib.measurement_scene import assess_case, assessment_html, observe_lines, reassess
+        from RANOResponseLib.mrml.measurement_scene import (
+            assess_case,
+            assessment_html,
+            observe_lines,
+            reassess,
+        )
 
         if getattr(self, "_stopObserving", None):
             self._stopObserving()
@@ -514,7 +519,7 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def exportVerdicts(database, path):
-        from RANOResponseLib.review import ReviewStore
+        from RANOResponseLib.review.store import ReviewStore
 
         with ReviewStore(Path(database), create=False) as store:
             store.export_csv(Path(path))
@@ -522,8 +527,8 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic):
     def writeReport(self, p, path, session):
         import tempfile
 
-        from RANOResponseLib.rano_rules import write_assessment
-        from RANOResponseLib.report import write_report
+        from RANOResponseLib.rano.rules import write_assessment
+        from RANOResponseLib.review.report import write_report
 
         job = self._jobFor(session.current) if session else self.lastJob
         if job is None:

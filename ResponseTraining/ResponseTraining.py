@@ -43,6 +43,7 @@ def run_cli(argv: list[str]) -> int:
 try:  # inside Slicer: the module, its parameter node and its thin widget
     from typing import Annotated
 
+    import slicer
     import vtk
     from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
     from slicer.ScriptedLoadableModule import (
@@ -52,7 +53,6 @@ try:  # inside Slicer: the module, its parameter node and its thin widget
         ScriptedLoadableModuleWidget,
     )
     from slicer.util import VTKObservationMixin
-    import slicer
 
     class ResponseTraining(ScriptedLoadableModule):
         def __init__(self, parent):
@@ -103,7 +103,7 @@ try:  # inside Slicer: the module, its parameter node and its thin widget
             self.ui = slicer.util.childWidgetVariables(uiWidget)
             uiWidget.setMRMLScene(slicer.mrmlScene)
             self.logic = ResponseTrainingLogic()
-            from RANOResponseLib.process import gpu_choices
+            from RANOResponseLib.model.device import gpu_choices
 
             for device, label in gpu_choices():
                 self.ui.deviceComboBox.addItem(label, device)
@@ -240,7 +240,7 @@ try:  # inside Slicer: the module, its parameter node and its thin widget
 
         @staticmethod
         def startTraining(args):
-            from RANOResponseLib.process import BackgroundRun, core_command, slicer_python
+            from RANOResponseLib.mrml.process import BackgroundRun, core_command, slicer_python
 
             # no cleanup on cancel: the checkpoints are what --resume continues from
             return BackgroundRun(core_command(slicer_python(), "train", *args, "--progress-json"))
@@ -265,7 +265,7 @@ try:  # inside Slicer: the module, its parameter node and its thin widget
         @staticmethod
         def useBundle(bundle):
             """Point the RANO Response module at ``bundle`` (checked first: sha256, inputs)."""
-            from RANOResponseLib.bundle import read_bundle
+            from RANOResponseLib.model.bundle import read_bundle
 
             read_bundle(bundle)
             import RANOResponse
@@ -282,7 +282,7 @@ try:  # inside Slicer: the module, its parameter node and its thin widget
         def test_train_tiny_phantom(self):
             import tempfile
 
-            from RANOResponseLib.phantom import PhantomConfig, generate_cohort
+            from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
 
             root = Path(tempfile.mkdtemp(prefix="ResponseTrainingTest-"))
             generate_cohort(root / "data", PhantomConfig(patients=4, seed=3, spacing=4.0))

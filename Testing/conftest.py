@@ -28,11 +28,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from RANOResponseLib import CLASS_NAMES, MODALITIES
-from RANOResponseLib.io import Study, read_study
-from RANOResponseLib.phantom import template_dir
-from RANOResponseLib.preprocessing import InputSpec, default_channels
+from RANOResponseLib.core.names import CLASS_NAMES, MODALITIES
+from RANOResponseLib.imaging.io import Study, read_study
+from RANOResponseLib.imaging.preprocessing import InputSpec, default_channels
+from RANOResponseLib.phantom.generator import template_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +88,7 @@ def write_nib(array: np.ndarray, like: Path, out: Path, dtype=np.float32) -> Pat
 
 def random_state_dicts(n: int, in_channels: int, seed: int, out_channels: int = 4) -> list[dict]:
     """``n`` compact DenseNets with different random weights (and non-trivial BN statistics)."""
-    from RANOResponseLib.model import architecture_args, build_network
+    from RANOResponseLib.model.networks import architecture_args, build_network
 
     args = architecture_args(COMPACT, in_channels, out_channels)
     gen = torch.Generator().manual_seed(seed)
@@ -116,8 +115,8 @@ def tiny_spec(modalities=MODALITIES, size=TINY_SIZE, spacing=TINY_SPACING) -> In
 
 def make_bundle(out: Path, n_models: int = 1, seed: int = 0, modalities=MODALITIES,
                 half: bool = True, bundle_id: str = "tiny-test") -> Path:
-    from RANOResponseLib.bundle import write_bundle
-    from RANOResponseLib.model import GRADCAM_LAYERS, architecture_args
+    from RANOResponseLib.model.bundle import write_bundle
+    from RANOResponseLib.model.networks import GRADCAM_LAYERS, architecture_args
 
     spec = tiny_spec(modalities)
     args = architecture_args(COMPACT, len(spec.channels), len(CLASS_NAMES))
@@ -131,7 +130,7 @@ def cli_command() -> list[str]:
     script = Path(sys.executable).parent / "rano-response"
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-m", "RANOResponseLib.cli"]
+    return [sys.executable, "-m", "RANOResponseCLI"]
 
 
 def cli_env() -> dict[str, str]:
@@ -263,7 +262,7 @@ def ensemble_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_bundle):
-    from RANOResponseLib.bundle import load_models, read_bundle
+    from RANOResponseLib.model.bundle import load_models, read_bundle
 
     b = read_bundle(tiny_bundle)
     return b, load_models(b, "cpu")
@@ -271,7 +270,7 @@ def tiny_models(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def ensemble_models(ensemble_bundle):
-    from RANOResponseLib.bundle import load_models, read_bundle
+    from RANOResponseLib.model.bundle import load_models, read_bundle
 
     b = read_bundle(ensemble_bundle)
     return b, load_models(b, "cpu")
@@ -279,7 +278,7 @@ def ensemble_models(ensemble_bundle):
 
 @pytest.fixture(scope="session")
 def registration(case_studies):
-    from RANOResponseLib.preprocessing import register_rigid
+    from RANOResponseLib.imaging.registration import register_rigid
 
     base, fu = case_studies
     return register_rigid(base, fu)
@@ -288,7 +287,7 @@ def registration(case_studies):
 @pytest.fixture(scope="session")
 def prepared(case_studies, registration, tiny_models):
     """The phantom pair on the tiny bundle's model grid: PreparedPair with a (8, 32, 32, 32) array."""
-    from RANOResponseLib.preprocessing import prepare_pair
+    from RANOResponseLib.imaging.preprocessing import prepare_pair
 
     bundle, _ = tiny_models
     base, fu = case_studies

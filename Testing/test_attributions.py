@@ -13,9 +13,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from RANOResponseLib.inference.attributions import Prediction, capture_activation, predict, predict_with_maps
 from torch import nn
-
-from RANOResponseLib.attributions import Prediction, capture_activation, predict, predict_with_maps
 
 
 def _all_forward_hooks(model: nn.Module) -> int:

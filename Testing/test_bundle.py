@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import COMPACT, copy_study, make_bundle, modality_file, random_state_dicts, tiny_spec
-from RANOResponseLib import CLASS_NAMES
-from RANOResponseLib.bundle import (
+from RANOResponseLib.core.errors import BundleError, RANOInputError
+from RANOResponseLib.core.names import CLASS_NAMES
+from RANOResponseLib.imaging.io import read_study
+from RANOResponseLib.model.bundle import (
     BUNDLE_ENV,
     Bundle,
     default_bundle_path,
@@ -28,9 +29,7 @@ from RANOResponseLib.bundle import (
     sha256,
     write_bundle,
 )
-from RANOResponseLib.errors import BundleError, RANOInputError
-from RANOResponseLib.io import read_study
-from RANOResponseLib.model import GRADCAM_LAYERS, architecture_args
+from RANOResponseLib.model.networks import GRADCAM_LAYERS, architecture_args
 
 
 @pytest.fixture
@@ -325,7 +324,7 @@ def two_modality_bundle(tmp_path_factory) -> Path:
 
 def test_predict_refuses_study_without_bundle_modality(tmp_path, case_pair, two_modality_bundle):
     """predict with a study lacking FLAIR, which the bundle needs: an error naming FLAIR and the folder."""
-    from RANOResponseLib.pipeline import predict_pair
+    from RANOResponseLib.inference.pipeline import predict_pair
 
     fu = copy_study(case_pair.followup, tmp_path / "fu")
     modality_file(fu, "FLAIR").unlink()
@@ -338,7 +337,7 @@ def test_predict_refuses_study_without_bundle_modality(tmp_path, case_pair, two_
 
 def test_predict_needs_only_bundle_modalities(tmp_path, case_pair, two_modality_bundle):
     """Studies with just the bundle's modalities (no CT1, no T2) predict, with T1 as the reference."""
-    from RANOResponseLib.pipeline import predict_pair
+    from RANOResponseLib.inference.pipeline import predict_pair
 
     studies = []
     for name, src in (("base", case_pair.baseline), ("fu", case_pair.followup)):

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import cli_env
-from RANOResponseLib.bundle import read_bundle
-from RANOResponseLib.phantom import PhantomConfig, generate_cohort
+from RANOResponseLib.model.bundle import read_bundle
+from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
 
 ARGS = ["--folds", "2", "--epochs", "2", "--size", "32", "--spacing", "6", "--batch-size", "4", "--seed", "3",
         "--device", "cpu", "--no-augment"]
@@ -46,11 +45,11 @@ def test_ddp_two_cpu_processes_match_one_process(cohort, tmp_path):
     cache = tmp_path / "cache"
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["--data", str(cohort), "--cache", str(cache), *ARGS]
-    res = subprocess.run([sys.executable, "-m", "RANOResponseLib.cli", "train", "--out", str(single), *common,
+    res = subprocess.run([sys.executable, "-m", "RANOResponseCLI", "train", "--out", str(single), *common,
                           "--grad-shards", "2"], capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "RANOResponseLib.cli", "train", "--out", str(ddp), *common, "--progress-json"],
+                          "-m", "RANOResponseCLI", "train", "--out", str(ddp), *common, "--progress-json"],
                          capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     events = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]

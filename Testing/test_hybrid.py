@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from ResponseTrainingLib.hybrid import CLASSIFIERS, fit_predict
+from ResponseTrainingLib.training.hybrid import CLASSIFIERS, fit_predict
 
 
 def _data(n, seed, classes=(0, 2, 3)):

@@ -17,19 +17,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import copy_study, modality_file, nib_affine_and_array, write_nib
-from RANOResponseLib import MODALITIES
-from RANOResponseLib.errors import RANOInputError
-from RANOResponseLib.io import (
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.core.files import atomic_output_dir, write_text
+from RANOResponseLib.core.names import MODALITIES
+from RANOResponseLib.imaging.io import (
     Study,
-    atomic_output_dir,
     check_distinct_studies,
     find_modality_file,
     read_image,
     read_study,
     write_image,
-    write_text,
 )
 
 

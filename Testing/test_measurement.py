@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-
 from RANOResponseLib.cli import main as cli_main
-from RANOResponseLib.errors import RANOInputError
-from RANOResponseLib.measurement import (
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.rano.measurement import (
     BINARY,
     DEEPBRATUMIA,
     HD_GLIO,
@@ -376,8 +375,8 @@ def scene():
 
 
 def test_volume_node_round_trip_keeps_geometry(scene):
-    from RANOResponseLib.measurement_scene import volume_node_from_image
-    from RANOResponseLib.scene import node_to_image
+    from RANOResponseLib.mrml.measurement_scene import volume_node_from_image
+    from RANOResponseLib.mrml.scene import node_to_image
 
     size, spacing, direction, _ = GRIDS["rotated+flipped 0.5x0.5x3"]
     seg = ellipse(size, spacing, direction)
@@ -397,7 +396,7 @@ def test_volume_node_round_trip_keeps_geometry(scene):
 
 
 def test_segmentation_node_to_label_map(scene):
-    from RANOResponseLib.measurement_scene import segmentation_image, volume_node_from_image
+    from RANOResponseLib.mrml.measurement_scene import segmentation_image, volume_node_from_image
 
     img = grid((100, 100, 8), (0.5, 0.5, 3.0), rot_z(15))
     labels = draw(img, [dict(centre=(0, 0, 0), a=9.0, b=9.0, half_h=4.5, label=1, core=(6.0, 6.0, 2))])
@@ -426,8 +425,8 @@ def test_segmentation_node_to_label_map(scene):
 
 
 def test_diameter_lines_drive_the_category(scene):
-    from RANOResponseLib import measurement_scene as ms
-    from RANOResponseLib.rano_rules import decide
+    from RANOResponseLib.mrml import measurement_scene as ms
+    from RANOResponseLib.rano.rules import decide
 
     img = grid((100, 100, 8), (0.5, 0.5, 3.0), rot_z(-25))
     base = draw(img, [dict(centre=(0, 0, 0), a=10.0, b=8.0, theta=30, half_h=4.5)])

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_state_dicts
-from RANOResponseLib.errors import DeviceError, RANOInputError
-from RANOResponseLib.model import (
+from RANOResponseLib.core.errors import DeviceError, RANOInputError
+from RANOResponseLib.model.device import choose_device, gpu_choices, resolve_device
+from RANOResponseLib.model.networks import (
     ARCHITECTURES,
     GRADCAM_LAYERS,
     DenseNet3D,
     architecture_args,
     build_network,
-    resolve_device,
 )
 
 CUDA = torch.cuda.is_available()
@@ -137,6 +136,8 @@ def one_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (6 * 2**30, 8 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Fake GPU")
 
 
 @pytest.mark.parametrize("spec", ["cpu", "CPU", " cpu "])
@@ -202,3 +203,35 @@ def test_unknown_device_strings(no_cuda, spec):
     with pytest.raises(DeviceError) as info:
         resolve_device(spec, lambda m: None)
     assert spec in str(info.value)
+
+
+def test_auto_falls_back_when_gpu_memory_is_short(one_cuda, monkeypatch):
+    """'auto' with a GPU that has too little free memory runs on the CPU and says how much was free."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(0.5 * 2**30), 8 * 2**30))
+    device, notice = choose_device("auto", needed_gib=2.0)
+    assert device == "cpu" and "0.5 GiB free" in notice
+
+
+def test_explicit_gpu_short_of_memory_is_kept_with_a_warning(one_cuda, monkeypatch):
+    """An explicitly chosen GPU is used even when memory looks short (the user asked), with a warning."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(0.5 * 2**30), 8 * 2**30))
+    device, warning = choose_device("cuda:0", needed_gib=2.0)
+    assert device == "cuda:0" and "0.5 GiB free" in warning
+
+
+def test_one_policy_for_the_gui_and_the_cli(no_cuda):
+    """The Slicer menu path (choose_device) and the CLI path (resolve_device) agree: an explicit
+    absent GPU is an error in both, auto falls back with a notice in both."""
+    with pytest.raises(DeviceError):
+        choose_device("cuda:0")
+    with pytest.raises(DeviceError):
+        resolve_device("cuda:0")
+    device, notice = choose_device("auto")
+    assert device == "cpu" and "no CUDA" in notice
+    assert [c for c, _ in gpu_choices()] == ["auto", "cpu"]
+
+
+def test_menu_lists_each_gpu_with_free_memory(one_cuda):
+    choices = gpu_choices()
+    assert [c for c, _ in choices] == ["auto", "cuda:0", "cpu"]
+    assert "6.0 of 8.0 GiB free" in choices[1][1]

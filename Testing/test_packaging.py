@@ -40,7 +40,7 @@ def test_top_level_cmake_adds_each_module():
 
 
 def test_shipped_bundle_is_valid_and_documented():
-    from RANOResponseLib.bundle import default_bundle_path, load_models, read_bundle
+    from RANOResponseLib.model.bundle import default_bundle_path, load_models, read_bundle
 
     path = default_bundle_path()
     bundle = read_bundle(path)
@@ -59,7 +59,7 @@ def test_shipped_bundle_is_valid_and_documented():
 
 def test_cmake_ships_the_default_model_bundle():
     """The installed module must carry the bundle predict loads by default, every file of it."""
-    from RANOResponseLib.bundle import DEFAULT_BUNDLE_ID, default_bundle_path
+    from RANOResponseLib.model.bundle import DEFAULT_BUNDLE_ID, default_bundle_path
 
     cmake = (ROOT / "RANOResponse" / "CMakeLists.txt").read_text(encoding="utf-8")
     bundle_id = re.search(r"set\(MODEL_BUNDLE_ID\s+(\S+)\)", cmake).group(1)

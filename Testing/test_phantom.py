@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-
-from RANOResponseLib import phantom
-from RANOResponseLib.phantom import (
+from RANOResponseLib.phantom import generator as phantom
+from RANOResponseLib.phantom.generator import (
     DEMOGRAPHICS_COLUMNS,
     EXPERT_RATING_COLUMNS,
     MODALITIES,

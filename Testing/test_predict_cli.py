@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import BAD_KINDS, cli_command, cli_env, modality_file, png_size
-from RANOResponseLib import CLASS_NAMES
-from RANOResponseLib.cli import main as cli_main
-from RANOResponseLib.pipeline import run_predict
+from RANOResponseCLI import main as cli_main
+from RANOResponseLib.core.names import CLASS_NAMES
+from RANOResponseLib.inference.pipeline import run_predict
 
 CUDA = torch.cuda.is_available()
 STAGES = ("read", "register", "crop_resample", "inference", "attributions", "write")

@@ -12,24 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from RANOResponseLib.errors import RANOInputError
-from RANOResponseLib.io import Study
-from RANOResponseLib.preprocessing import (
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, model_grid, ras_to_lps
+from RANOResponseLib.imaging.io import Study
+from RANOResponseLib.imaging.preprocessing import (
     Channel,
     InputSpec,
-    RegistrationResult,
     default_channels,
-    grid_center,
-    lps_to_ras,
-    model_grid,
     normalize,
     prepare_pair,
-    ras_to_lps,
-    register_rigid,
     to_reference,
 )
-
+from RANOResponseLib.imaging.registration import RegistrationResult, register_rigid
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 

@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from RANOResponseLib.process import BackgroundRun, choose_device, core_command, parse_progress
-
 from conftest import cli_env
+from RANOResponseLib.model.device import choose_device
+from RANOResponseLib.mrml.process import BackgroundRun, core_command, parse_progress
 
 
 def test_parse_progress_formats():
@@ -74,20 +73,3 @@ def test_cancel_kills_the_child_and_leaves_nothing(tmp_path, case_pair, tiny_bun
     assert run.cancelled
     assert not run_dir.exists() and not out.exists()
 
-
-def test_choose_device_falls_back_to_cpu(monkeypatch):
-    import torch
-
-    assert choose_device("cpu") == ("cpu", None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert choose_device("auto") == ("cpu", None)
-    device, warning = choose_device("cuda:0")
-    assert device == "cpu" and "no CUDA" in warning
-    # a GPU with too little free memory: fall back with a warning that says how much is free
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(0.5 * 2**30), 8 * 2**30))
-    device, warning = choose_device("auto", needed_gib=2.0)
-    assert device == "cpu" and "0.5 GiB free" in warning
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (6 * 2**30, 8 * 2**30))
-    assert choose_device("cuda:0", needed_gib=2.0) == ("cuda:0", None)

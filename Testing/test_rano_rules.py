@@ -7,10 +7,9 @@ import json
 
 import pytest
 import SimpleITK as sitk
-
-from RANOResponseLib.errors import RANOInputError
-from RANOResponseLib.measurement import BINARY, measure_pair
-from RANOResponseLib.rano_rules import (
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.rano.measurement import BINARY, measure_pair
+from RANOResponseLib.rano.rules import (
     RANOThresholds,
     RuleInputs,
     compare_with_prediction,

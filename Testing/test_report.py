@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from RANOResponseLib.cli import main as cli_main
-from RANOResponseLib.report import gather, model_card_summary, write_report
-from RANOResponseLib.review import Case, ReviewStore, make_verdict
-
 from conftest import copy_study, png_size
+from RANOResponseLib.cli import main as cli_main
+from RANOResponseLib.review.report import gather, model_card_summary, write_report
+from RANOResponseLib.review.store import Case, ReviewStore, make_verdict
 
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory, case_pair, tiny_bundle) -> Path:
-    from RANOResponseLib.pipeline import run_predict
+    from RANOResponseLib.inference.pipeline import run_predict
 
     out = tmp_path_factory.mktemp("report") / "prediction"
     run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu")

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from RANOResponseLib.cli import main as cli_main
-from RANOResponseLib.errors import RANOInputError
-from RANOResponseLib.review import (
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.review.store import (
     EXPORT_COLUMNS,
     Case,
     ReviewSession,
@@ -66,7 +65,7 @@ def test_worklist_csv(tmp_path):
 
 
 def test_worklist_from_lumiere_folder(case_pair):
-    from ResponseTrainingLib.lumiere import build_pairs
+    from RANOResponseLib.datasets.lumiere import build_pairs
 
     root = case_pair.baseline.parents[2]
     got = load_worklist(root)
@@ -170,7 +169,7 @@ def test_not_a_database(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from RANOResponseLib.review import ReviewStore, Verdict
+    from RANOResponseLib.review.store import ReviewStore, Verdict
     db, reviewer, n, ack, ncases = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     store = ReviewStore(db)
     labels = ("CR", "PR", "SD", "PD")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from RANOResponseLib.errors import RANOInputError
-from RANOResponseLib.phantom import PhantomConfig, generate_cohort
-from RANOResponseLib.review import ReviewSession, ReviewStore, load_worklist
-from ResponseTrainingLib.lumiere import apply_review_labels, build_pairs, read_review_labels
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.datasets.lumiere import build_pairs
+from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
+from RANOResponseLib.review.store import ReviewSession, ReviewStore, load_worklist
+from ResponseTrainingLib.data.labels import apply_review_labels, read_review_labels
 
 MODS = ("CT1", "T1", "T2", "FLAIR")
 PRED = {"label": "PD", "probabilities": {"CR": 0.1, "PR": 0.1, "SD": 0.1, "PD": 0.7}, "bundle": {"id": "b"}}

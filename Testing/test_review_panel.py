@@ -10,14 +10,14 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from RANOResponseLib.measurement_scene import (  # noqa: E402
+from RANOResponseLib.mrml.measurement_scene import (
     assess_case,
     assessment_html,
     find_diameter_lines,
     line_points,
     reassess,
 )
-from RANOResponseLib.review import ReviewStore, open_session, session_text  # noqa: E402
+from RANOResponseLib.review.store import ReviewStore, open_session, session_text  # noqa: E402
 
 
 @pytest.fixture

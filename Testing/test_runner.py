@@ -12,9 +12,9 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from RANOResponseLib.errors import RANOInputError  # noqa: E402
-from RANOResponseLib.runner import PredictRequest, discard, finish_predict, start_predict, study_folder  # noqa: E402
-from RANOResponseLib.scene import load_study_nodes  # noqa: E402
+from RANOResponseLib.core.errors import RANOInputError  # noqa: E402
+from RANOResponseLib.mrml.runner import PredictRequest, discard, finish_predict, start_predict, study_folder  # noqa: E402
+from RANOResponseLib.mrml.scene import load_study_nodes  # noqa: E402
 
 MODS = ("CT1", "T1", "T2", "FLAIR")
 
@@ -35,8 +35,7 @@ def test_unmodified_nodes_are_read_from_their_own_folder(tmp_path, case_pair, sc
 
 def test_edited_nodes_are_exported_with_their_edits(tmp_path, scene_with_studies):
     import SimpleITK as sitk
-
-    from RANOResponseLib.io import read_study
+    from RANOResponseLib.imaging.io import read_study
 
     _, base, _ = scene_with_studies
     arr = slicer.util.arrayFromVolume(base["T2"])

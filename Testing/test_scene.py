@@ -21,23 +21,14 @@ import pytest
 import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
-from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
-
 from conftest import modality_file  # noqa: E402
-from RANOResponseLib import MODALITIES  # noqa: E402
-from RANOResponseLib.errors import RANOInputError  # noqa: E402
-from RANOResponseLib.io import Study, read_image, read_study  # noqa: E402
-from RANOResponseLib.pipeline import SCENE_FILE, run_predict  # noqa: E402
-from RANOResponseLib.preprocessing import (  # noqa: E402
-    InputSpec,
-    default_channels,
-    grid_center,
-    lps_to_ras,
-    model_grid,
-    prepare_pair,
-    ras_to_lps,
-)
-from RANOResponseLib.scene import (  # noqa: E402
+from RANOResponseLib.core.errors import RANOInputError  # noqa: E402
+from RANOResponseLib.core.names import MODALITIES  # noqa: E402
+from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, model_grid, ras_to_lps
+from RANOResponseLib.imaging.io import Study, read_image, read_study  # noqa: E402
+from RANOResponseLib.imaging.preprocessing import InputSpec, default_channels, prepare_pair
+from RANOResponseLib.inference.pipeline import SCENE_FILE, run_predict  # noqa: E402
+from RANOResponseLib.mrml.scene import (
     MAP_THRESHOLD,
     add_map_node,
     add_results_table,
@@ -59,6 +50,7 @@ from RANOResponseLib.scene import (  # noqa: E402
     transform_to_ras_matrix,
     write_scene,
 )
+from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -460,7 +452,7 @@ def test_predict_writes_a_scene_that_reads_back(predicted, case_pair):
         folder = case_pair.baseline if n.startswith("baseline") else case_pair.followup
         truth = read_image(modality_file(folder, n.split()[1]))
         assert node.GetImageData().GetDimensions() == truth.GetSize(), n
-    from RANOResponseLib.scene import SceneNodes
+    from RANOResponseLib.mrml.scene import SceneNodes
 
     nodes = SceneNodes(
         baseline={m: vols[f"baseline {m}"].GetID() for m in MODALITIES},
@@ -530,7 +522,7 @@ def test_write_scene_self_contained(suffix, predicted, tmp_path):
     back = read_scene(path)
     ids = SimpleNamespace(**{k: _by_name(back, scene.GetNodeByID(getattr(nodes, k)).GetName()).GetID()
                              for k in ("transform", "table", "roi", "gradcam", "saliency")})
-    from RANOResponseLib.scene import SceneNodes
+    from RANOResponseLib.mrml.scene import SceneNodes
 
     again = SceneNodes(baseline={m: _by_name(back, f"baseline {m}").GetID() for m in MODALITIES},
                        followup={m: _by_name(back, f"follow-up {m}").GetID() for m in MODALITIES}, **vars(ids))

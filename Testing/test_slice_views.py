@@ -8,8 +8,6 @@ registration transform, and the PNGs are written top row first.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -17,8 +15,8 @@ import SimpleITK as sitk
 pytest.importorskip("slicer")
 
 from conftest import png_size  # noqa: E402
-from RANOResponseLib.preprocessing import lps_to_ras  # noqa: E402
-from RANOResponseLib.scene import (  # noqa: E402
+from RANOResponseLib.imaging.geometry import lps_to_ras  # noqa: E402
+from RANOResponseLib.mrml.scene import (
     add_map_node,
     add_transform_node,
     image_to_node,
@@ -26,7 +24,7 @@ from RANOResponseLib.scene import (  # noqa: E402
     populate_scene,
     show_overlay,
 )
-from RANOResponseLib.slice_views import SliceRenderer, render_montage, render_slice_views, write_png  # noqa: E402
+from RANOResponseLib.mrml.slice_views import SliceRenderer, render_montage, render_slice_views, write_png  # noqa: E402
 
 SIZE = 128
 
@@ -159,7 +157,7 @@ def test_write_png_is_top_row_first(tmp_path):
 def test_montage_of_a_prediction(case_pair, tiny_bundle, tmp_path):
     """The predict montage: baseline/follow-up CT1 and FLAIR columns, plain/Grad-CAM/saliency rows,
     overlay colour only in the map rows."""
-    from RANOResponseLib.pipeline import predict_pair
+    from RANOResponseLib.inference.pipeline import predict_pair
 
     result = predict_pair(case_pair.baseline, case_pair.followup, tiny_bundle, device="cpu")
     scene = new_scene()

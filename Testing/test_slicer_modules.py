@@ -104,7 +104,7 @@ def test_module_file_stays_thin(module):
 
 
 def test_runtime_requirements_match_the_pins():
-    from RANOResponseLib.dependencies import PACKAGES
+    from RANOResponseLib.mrml.dependencies import PACKAGES
 
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().split()
                 if "==" in line and not line.startswith("#"))
@@ -115,7 +115,7 @@ def test_runtime_requirements_match_the_pins():
 
 
 def test_missing_packages_reports_only_missing_ones():
-    from RANOResponseLib.dependencies import missing_packages
+    from RANOResponseLib.mrml.dependencies import missing_packages
 
     assert missing_packages({"json": "json==0", "no_such_package_xyz": "no-such-package-xyz==1.0"}) == [
         "no-such-package-xyz==1.0"]

@@ -19,12 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, cli_env, png_size
-from RANOResponseLib import CLASS_NAMES
-from RANOResponseLib.bundle import read_bundle
-from RANOResponseLib.phantom import PhantomConfig, generate_cohort
-from ResponseTrainingLib.lumiere import (
+from RANOResponseLib.core.names import CLASS_NAMES
+from RANOResponseLib.datasets.lumiere import (
     CLINICAL_FEATURES,
     build_pairs,
     clinical_features,
@@ -32,7 +29,9 @@ from ResponseTrainingLib.lumiere import (
     read_ratings,
     week_key,
 )
-from ResponseTrainingLib.training import TrainConfig, class_weights, folds_table, make_folds, train
+from RANOResponseLib.model.bundle import read_bundle
+from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
+from ResponseTrainingLib.training.cv import TrainConfig, class_weights, folds_table, make_folds, train
 
 MODS = ("CT1", "T1", "T2", "FLAIR")
 TINY = dict(size=(32, 32, 32), spacing=(6.0, 6.0, 6.0), batch_size=4, seed=5, device="cpu")
@@ -83,7 +82,7 @@ def test_reader_takes_csv_as_distributed(cohort):
 
 
 def test_pairs_skip_quirks_with_reasons(cohort, capsys):
-    from ResponseTrainingLib.lumiere import print_pair_table
+    from RANOResponseLib.datasets.lumiere import print_pair_table
 
     pairs, table = build_pairs(cohort, MODS)
     truth = pd.read_csv(cohort / "phantom_truth.csv", dtype=str, keep_default_na=False)
@@ -261,7 +260,7 @@ def test_cv_run_writes_tables_plots_and_summary(cv_run):
 def test_hybrid_classifiers_fit_inside_folds(cv_run):
     """Each hybrid model is fitted on its fold's validation pairs only and scored on the test fold:
     refitting by hand from the fold's files gives the same test probabilities."""
-    from ResponseTrainingLib.hybrid import fit_predict
+    from ResponseTrainingLib.training.hybrid import fit_predict
 
     out, _ = cv_run
     clinical = pd.read_csv(out / "clinical.csv").set_index("pair")
@@ -284,8 +283,8 @@ def test_hybrid_classifiers_fit_inside_folds(cv_run):
 
 
 def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, case_pair, tmp_path):
-    from RANOResponseLib.cli import main as cli_main
-    from RANOResponseLib.pipeline import predict_pair
+    from RANOResponseCLI import main as cli_main
+    from RANOResponseLib.inference.pipeline import predict_pair
 
     out, _ = cv_run
     bundle = read_bundle(out / "bundle")
@@ -353,7 +352,7 @@ def test_killed_run_resumes_to_the_same_numbers(cohort, cache, tmp_path):
 
 
 def test_resume_refuses_other_settings(cohort, cache, tmp_path):
-    from RANOResponseLib.errors import RANOInputError
+    from RANOResponseLib.core.errors import RANOInputError
 
     out = tmp_path / "run"
     _silent(train, TrainConfig(data=cohort, out=out, cache=cache, folds=2, epochs=1, only_fold=0, **TINY))
@@ -380,7 +379,12 @@ def test_only_fold_then_resume_aggregates(cohort, cache, tmp_path):
 def test_subtraction_channels_follow_up_minus_baseline(case_studies, registration, tmp_path):
     """A 'difference' channel is the z-scored follow-up minus the z-scored baseline, and a bundle
     declaring it is read back with that channel kind (so predict builds the same input)."""
-    from RANOResponseLib.preprocessing import InputSpec, default_channels, difference_channels, prepare_pair
+    from RANOResponseLib.imaging.preprocessing import (
+        InputSpec,
+        default_channels,
+        difference_channels,
+        prepare_pair,
+    )
 
     base, fu = case_studies
     stack = InputSpec(("CT1", "FLAIR"), tuple(default_channels(("CT1", "FLAIR"))), (6.0,) * 3, (32,) * 3)
@@ -395,7 +399,7 @@ def test_subtraction_channels_follow_up_minus_baseline(case_studies, registratio
 
 
 def test_difference_training_run_exports_a_predictable_bundle(cohort, tmp_path_factory, case_pair):
-    from RANOResponseLib.pipeline import predict_pair
+    from RANOResponseLib.inference.pipeline import predict_pair
 
     out = tmp_path_factory.mktemp("runs") / "diff"
     _silent(train, TrainConfig(data=cohort, out=out, folds=2, epochs=1, modalities=("CT1", "FLAIR"),
@@ -410,7 +414,7 @@ def test_25d_timm_run_exports_a_bundle_predict_runs(cohort, cache, tmp_path, cas
     """2.5D: axial slices through the grid centre into a timm 2D CNN; trained in the same CV
     loop, exported as a bundle that predict (with Grad-CAM) runs like a 3D one."""
     pytest.importorskip("timm")
-    from RANOResponseLib.pipeline import predict_pair
+    from RANOResponseLib.inference.pipeline import predict_pair
 
     out = tmp_path / "run25d"
     _silent(train, TrainConfig(data=cohort, out=out, cache=cache, folds=2, epochs=1, arch="timm25d",
@@ -426,8 +430,7 @@ def test_25d_transfer_learning_from_a_local_file_only(tmp_path):
     without it nothing is pretrained and nothing is downloaded."""
     timm = pytest.importorskip("timm")
     import torch
-
-    from RANOResponseLib.model import architecture_args, build_network
+    from RANOResponseLib.model.networks import architecture_args, build_network
 
     src = timm.create_model("test_resnet", pretrained=False, num_classes=4)
     torch.save(src.state_dict(), tmp_path / "w.pth")

@@ -1,15 +1,24 @@
-"""RANOResponseLib: the headless core of the RANOResponse Slicer extension.
+"""RANOResponseLib: the clinical core of the RANOResponse Slicer extension, without Qt.
 
-Everything here runs without the Slicer application (no Qt, no ctk, no application object):
-the CLI, the Slicer module and the training module all call these same functions.
+Everything here runs without the Slicer application (no Qt, no ctk, no application object): the
+``rano-response`` command, the Slicer module, the training module and the web station call these
+same functions. Sub-packages, lowest first; each may import only those listed before it:
 
-Data path: study folder -> :func:`io.read_study` (SimpleITK images with geometry)
--> :func:`preprocessing.register_rigid` -> :func:`preprocessing.prepare_pair` (model grid,
-normalised, stacked channels) -> :mod:`model` / :mod:`attributions` -> maps resampled back onto
-the baseline grid -> files written atomically (:mod:`pipeline`).
+- :mod:`~RANOResponseLib.core`       names (modalities, classes), errors, atomic files, display styles
+- :mod:`~RANOResponseLib.imaging`    reading studies, geometry, registration, preparing the model input
+- :mod:`~RANOResponseLib.datasets`   data sets as distributed (the LUMIERE reader)
+- :mod:`~RANOResponseLib.model`      networks, model bundles, the device policy
+- :mod:`~RANOResponseLib.inference`  prediction with saliency and Grad-CAM, the predict pipeline
+- :mod:`~RANOResponseLib.rano`       lesion measurement and the RANO decision rules
+- :mod:`~RANOResponseLib.review`     the review store (verdicts) and the PDF case report
+- :mod:`~RANOResponseLib.mrml`       the Slicer scene (MRML nodes, slice views, the child process)
+- :mod:`~RANOResponseLib.phantom`    synthetic LUMIERE-like cohorts (tests, demos; not the runtime)
+
+Data path: study folder -> :func:`imaging.io.read_study` -> :func:`imaging.registration.register_rigid`
+-> :func:`imaging.preprocessing.prepare_pair` (model grid, normalised, stacked channels) ->
+:mod:`model` / :mod:`inference.attributions` -> maps resampled onto the baseline grid -> files
+written atomically (:mod:`inference.pipeline`). :mod:`cli` (the core's commands) and :mod:`demo`
+sit on top. Nothing here imports ``ResponseTrainingLib``.
 """
 
 __version__ = "0.1.0"
-
-MODALITIES = ("CT1", "T1", "T2", "FLAIR")
-CLASS_NAMES = ("CR", "PR", "SD", "PD")

@@ -2,12 +2,14 @@
 
     rano-response phantom  --out DIR --patients N --seed S [--spacing MM]
     rano-response predict  --baseline DIR --followup DIR --out OUT [--bundle B] [--device D] [--roi-center R,A,S]
-    rano-response train    --data DIR --out RUN [...]          (ResponseTrainingLib)
-    rano-response evaluate --bundle B --data DIR --out OUT
     rano-response bench    [--runs 3] [--spacing 1]
     rano-response measure  --baseline DIR --followup DIR | --prediction OUT [--out measurements.json]
     rano-response review   import|add|status|export --db DB [...]
     rano-response report   --prediction OUT --out report.pdf [--db DB] [--measurements JSON]
+
+``train`` and ``evaluate`` belong to ResponseTrainingLib: they are added by the ``rano-response``
+program (:mod:`RANOResponseCLI`), which sits above both Lib packages, through ``plugins``; this
+module never imports training code.
 
 Bad input is reported as one line ``error: <file>: <problem>`` on stderr, with exit status 2
 and nothing left in ``--out``.
@@ -20,13 +22,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
-from .errors import RANOInputError
+from RANOResponseLib.core.errors import RANOInputError
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom import PhantomConfig, generate_cohort
+    from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
 
     cfg = PhantomConfig(patients=args.patients, seed=args.seed, spacing=args.spacing,
                         min_followups=args.min_followups, max_followups=args.max_followups,
@@ -39,7 +41,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .pipeline import run_predict
+    from RANOResponseLib.inference.pipeline import run_predict
 
     def progress(stage: str, frac: float) -> None:
         if not args.quiet:
@@ -59,40 +61,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from RANOResponseLib.inference.bench import run_bench
 
     return run_bench(runs=args.runs, spacing=args.spacing, device=args.device, workdir=args.workdir)
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ResponseTrainingLib.evaluate import evaluate
-
-    m = evaluate(args.bundle, args.data, args.out, args.device)
-    print(f"{m['n']} pairs  balanced accuracy {m['balanced_accuracy']:.3f}  macro F1 {m['f1_macro']:.3f}  "
-          f"AUC {m['auc_ovr']:.3f}")
-    print(f"confusion matrix (rows true, cols predicted): {m['confusion_matrix']}")
-    print(f"written: {Path(args.out).absolute()}/metrics.json, predictions.csv, pairs.csv")
-    return 0
-
-
-def _cmd_train(argv: Sequence[str]) -> int:
-    from ResponseTrainingLib.cli import main as train_main
-
-    return train_main(list(argv))
 
 
 # ---- measure / review / report (radiologist in the loop) -------------------------------
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .measurement import (
+    from RANOResponseLib.rano.measurement import (
         MeasurableCriteria,
         find_pair_segmentations,
         lesion_table,
         measure_prediction,
         measure_timepoints,
     )
-    from .rano_rules import compare_with_prediction, decide, write_assessment
+    from RANOResponseLib.rano.rules import compare_with_prediction, decide, write_assessment
 
     criteria = MeasurableCriteria(min_volume_ml=args.min_volume_ml)
     if args.baseline and args.followup:
@@ -126,7 +111,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_review(args: argparse.Namespace) -> int:
-    from .review import Case, ReviewStore, load_worklist, make_verdict
+    from RANOResponseLib.review.store import Case, ReviewStore, load_worklist, make_verdict
 
     if args.review_command == "import":
         cases = load_worklist(args.worklist)
@@ -135,7 +120,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
         print(f"{len(cases)} cases in the worklist, {added} new, in {Path(args.db).absolute()}")
         return 0
     if args.review_command == "add":
-        from .measurement import read_prediction
+        from RANOResponseLib.rano.measurement import read_prediction
 
         with ReviewStore(args.db) as store:
             case = store.case(args.case_id)
@@ -150,7 +135,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
             prediction = read_prediction(pred_dir) if pred_dir else None
             rule = args.rule_category
             if args.measurements is not None:
-                from .rano_rules import read_assessment
+                from RANOResponseLib.rano.rules import read_assessment
 
                 rule = read_assessment(args.measurements)[1]
             v = store.save(make_verdict(case, args.reviewer, None if args.agree else args.label, args.confidence,
@@ -178,7 +163,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from RANOResponseLib.review.report import write_report
 
     png = Path(args.out).with_suffix("") if args.png else None
     out = write_report(args.prediction, args.out, args.measurements, args.db, args.case_id, args.source,
@@ -188,7 +173,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_review_parsers(sub: argparse._SubParsersAction) -> None:
-    from . import CLASS_NAMES
+    from RANOResponseLib.core.names import CLASS_NAMES
 
     sources = ("auto", "deepbratumia-native", "hd-glio", "deepbratumia-atlas")
     criteria = ("RANO", "RANO2")  # RANO2: RANO 2.0 volumetric thresholds decide the category
@@ -292,18 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--workdir", type=Path, default=None)
     be.set_defaults(func=_cmd_bench)
 
-    ev = sub.add_parser("evaluate", help="score a bundle on a labelled LUMIERE-layout cohort")
-    ev.add_argument("--bundle", type=Path, default=None)
-    ev.add_argument("--data", required=True, type=Path)
-    ev.add_argument("--out", required=True, type=Path)
-    ev.add_argument("--device", default="auto")
-    ev.set_defaults(func=_cmd_evaluate)
 
     _add_review_parsers(sub)
-
-    sub.add_parser("train", help="train and export a bundle (see `rano-response train --help`)",
-                   add_help=False)
     return p
+
+
+# A plugin adds its sub-commands to the parser and returns the commands that parse their own
+# arguments (name -> main(argv)), such as ``train``.
+Plugin = Callable[[argparse._SubParsersAction], Mapping[str, Callable[[list[str]], int]]]
 
 
 def _stop_cleanly_on_sigterm() -> None:
@@ -331,13 +312,19 @@ def _attach_negative_points(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, plugins: Sequence[Plugin] = ()) -> int:
+    """Run one command; ``plugins`` add commands from packages above the core."""
     argv = _attach_negative_points(list(sys.argv[1:] if argv is None else argv))
     _stop_cleanly_on_sigterm()
     try:
-        if argv and argv[0] == "train":
-            return _cmd_train(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        own_parsing: dict[str, Callable[[list[str]], int]] = {}
+        for plugin in plugins:
+            own_parsing.update(plugin(sub))
+        if argv and argv[0] in own_parsing:
+            return own_parsing[argv[0]](argv[1:])
+        args = parser.parse_args(argv)
         return args.func(args)
     except RANOInputError as e:
         print(f"error: {e}", file=sys.stderr)

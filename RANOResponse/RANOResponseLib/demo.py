@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import RANOInputError
+from RANOResponseLib.core.errors import RANOInputError
 
 
 def demo_case(root: Path, seed: int = 7, spacing: float = 1.0) -> tuple[Path, Path, pd.Series]:
     """Generate (once) a one-patient phantom and return (baseline, follow-up, truth row)."""
-    from .phantom import PhantomConfig, generate_cohort
+    from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
 
     truth_csv = root / "phantom_truth.csv"
     if truth_csv.is_file():
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    from .pipeline import run_predict
+    from RANOResponseLib.inference.pipeline import run_predict
 
     try:
         baseline, followup, truth = demo_case(args.out / "phantom")

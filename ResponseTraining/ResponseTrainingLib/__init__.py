@@ -1,0 +1,11 @@
+"""ResponseTrainingLib: training and evaluating RANO response models headless.
+
+Built on :mod:`RANOResponseLib` (it imports the clinical core, never the reverse). Sub-packages,
+lowest first; each may import RANOResponseLib and those listed before it:
+
+- :mod:`~ResponseTrainingLib.data`     cached, augmented datasets of pairs; reviewers' verdicts as labels
+- :mod:`~ResponseTrainingLib.analysis` metrics, plots, evaluation of a bundle on a labelled cohort
+- :mod:`~ResponseTrainingLib.training` configuration, patient-grouped folds, the training loop, CV, hybrids
+
+:mod:`.cli` (``rano-response train`` / ``evaluate``) sits on top.
+"""

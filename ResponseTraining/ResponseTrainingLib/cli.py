@@ -1,7 +1,7 @@
 """``rano-response train``: the same arguments work from the console script, from
 ``python ResponseTraining/ResponseTraining.py train ...``, from
 ``Slicer --no-main-window --python-script ResponseTraining/ResponseTraining.py -- train ...``
-and, for data-parallel training, from ``torchrun --nproc_per_node N -m RANOResponseLib.cli train ...``.
+and, for data-parallel training, from ``torchrun --nproc_per_node N -m RANOResponseCLI train ...``.
 
 Folds on separate devices: ``--only-fold i --device cuda:i`` per process (after one
 ``--preprocess-only`` run fills the shared cache), then one ``--resume`` run aggregates.
@@ -15,12 +15,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from RANOResponseLib import MODALITIES
-from RANOResponseLib.errors import RANOInputError
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.core.names import MODALITIES
+from RANOResponseLib.datasets.lumiere import PAIRINGS
 
-from .hybrid import CLASSIFIERS, HYBRID_FIT
-from .lumiere import PAIRINGS
-from .training import ARCHS, CHANNEL_SETS, WEIGHTING_ALIASES, WEIGHTINGS, TrainConfig, train
+from ResponseTrainingLib.training.cv import (
+    ARCHS,
+    CHANNEL_SETS,
+    WEIGHTING_ALIASES,
+    WEIGHTINGS,
+    TrainConfig,
+    train,
+)
+from ResponseTrainingLib.training.hybrid import CLASSIFIERS, HYBRID_FIT
 
 
 def _triple(cast):
@@ -50,8 +57,7 @@ def run_weighting_grid(cfg: TrainConfig, losses: list[str], samplers: list[str])
     from dataclasses import replace
 
     import pandas as pd
-
-    from RANOResponseLib.io import write_text
+    from RANOResponseLib.core.files import write_text
 
     rows = []
     for loss, sampler in itertools.product(losses, samplers):
@@ -175,3 +181,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ResponseTrainingLib.analysis.evaluate import evaluate
+
+    m = evaluate(args.bundle, args.data, args.out, args.device)
+    print(f"{m['n']} pairs  balanced accuracy {m['balanced_accuracy']:.3f}  macro F1 {m['f1_macro']:.3f}  "
+          f"AUC {m['auc_ovr']:.3f}")
+    print(f"confusion matrix (rows true, cols predicted): {m['confusion_matrix']}")
+    print(f"written: {Path(args.out).absolute()}/metrics.json, predictions.csv, pairs.csv")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> dict:
+    """The training commands as a plugin of :func:`RANOResponseLib.cli.main`: ``evaluate`` is
+    parsed there; ``train`` parses its own arguments (:func:`main`)."""
+    ev = sub.add_parser("evaluate", help="score a bundle on a labelled LUMIERE-layout cohort")
+    ev.add_argument("--bundle", type=Path, default=None)
+    ev.add_argument("--data", required=True, type=Path)
+    ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_cmd_evaluate)
+    sub.add_parser("train", help="train and export a bundle (see `rano-response train --help`)", add_help=False)
+    return {"train": main}

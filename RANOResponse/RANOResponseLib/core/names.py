@@ -1,0 +1,27 @@
+"""The project's vocabulary, defined once: modalities, their reference order, response classes.
+
+Every other module, the Slicer widgets and the training code import these names from here.
+"""
+
+from __future__ import annotations
+
+# The four sequences of a study, in the order the reference study stacks them and in which a
+# study's reference image is chosen (the first one present): contrast-enhanced T1 first.
+MODALITIES: tuple[str, ...] = ("CT1", "T1", "T2", "FLAIR")
+REFERENCE_ORDER: tuple[str, ...] = MODALITIES
+
+# RANO response classes, in the order of the network's outputs.
+CLASS_NAMES: tuple[str, ...] = ("CR", "PR", "SD", "PD")
+
+# Segmentation labels in LUMIERE / DeepBraTumIA order.
+LABEL_ENHANCING = 1
+LABEL_CORE = 2  # necrotic / non-enhancing core (and the resection cavity)
+LABEL_EDEMA = 3
+
+
+def reference_modality(available, order: tuple[str, ...] = REFERENCE_ORDER) -> str:
+    """The first modality of ``order`` that is in ``available``."""
+    for m in order:
+        if m in available:
+            return m
+    raise KeyError(f"none of {', '.join(order)} available")

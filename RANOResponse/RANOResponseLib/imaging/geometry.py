@@ -1,0 +1,74 @@
+"""Physical space: LPS <-> RAS, the model grid, resampling."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from RANOResponseLib.core.errors import RANOInputError
+
+
+def ras_to_lps(point: Sequence[float]) -> tuple[float, float, float]:
+    """A point in Slicer's RAS millimetres as an ITK/SimpleITK (LPS) physical point, and back:
+    the two frames differ by the sign of x and y, so the conversion is its own inverse."""
+    x, y, z = (float(v) for v in point)
+    return (-x, -y, z)
+
+
+lps_to_ras = ras_to_lps
+
+
+def model_grid(reference: sitk.Image, spacing: Sequence[float], size: Sequence[int],
+               center: Sequence[float] | None = None) -> sitk.Image:
+    """An empty image defining the model grid: ``size`` voxels of ``spacing`` mm, axis-aligned
+    in LPS (identity direction), centred on ``center`` (an LPS physical point, e.g. a crop ROI's
+    centre from :func:`ras_to_lps`) or, by default, on the bounding box of the reference's brain.
+
+    The grid's orientation does not follow the reference's storage order, so the network sees
+    the same anatomy orientation whether a study was stored RAS, LPS or oblique.
+    """
+    if center is None:
+        arr = sitk.GetArrayViewFromImage(reference)
+        nz = np.nonzero(arr)
+        if len(nz[0]) == 0:
+            raise RANOInputError("reference image has no brain voxels")
+        lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
+        hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
+        corners = np.array([reference.TransformContinuousIndexToPhysicalPoint(c)
+                            for c in itertools.product(*zip(lo, hi))])
+        centre = (corners.min(0) + corners.max(0)) / 2
+    else:
+        centre = np.asarray(center, float)
+        if centre.shape != (3,) or not np.isfinite(centre).all():
+            raise RANOInputError(f"crop centre {tuple(center)} is not a finite 3D point")
+    half = (np.array(size, float) - 1) / 2 * np.array(spacing, float)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetOrigin([float(v) for v in centre - half])
+    return grid
+
+
+def grid_center(grid: sitk.Image) -> tuple[float, float, float]:
+    """The physical (LPS) centre of a grid: the point :func:`model_grid` centred it on."""
+    return tuple(float(v) for v in grid.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2 for s in grid.GetSize()]))  # type: ignore[return-value]
+
+
+def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
+             interpolator: int = sitk.sitkLinear) -> sitk.Image:
+    """Resample ``image`` onto ``grid`` through ``transform`` (grid points -> image points)."""
+    return sitk.Resample(image, grid, transform or sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+
+
+def shrink_to(image: sitk.Image, spacing_mm: float | Sequence[float]) -> sitk.Image:
+    """Box-average by integer factors so the voxels approach ``spacing_mm`` (never finer).
+
+    An exact, cheap anti-aliasing step before resampling onto a coarser grid (BinShrink keeps
+    the physical geometry right); images already that coarse are returned as they are.
+    """
+    target = [spacing_mm] * 3 if isinstance(spacing_mm, (int, float)) else list(spacing_mm)
+    factors = [max(1, int(t / s + 1e-3)) for t, s in zip(target, image.GetSpacing())]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image

@@ -1,0 +1,131 @@
+"""``make bench``: stage timings, peak memory and the cost of the maps on a 1 mm case pair.
+
+Prints medians over ``--runs`` repetitions (after one warm-up) of each stage of ``predict``
+with and without attributions, the end-to-end time of the ``rano-response predict`` command
+(a fresh process: imports included), the peak resident memory, and the ratios the project
+tracks (targets: end to end < 20 s on 2 CPU cores, maps <= 2.5x a prediction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+STAGES = ("read", "register", "crop_resample", "inference", "attributions", "write")
+
+
+# The predict command, run in a fresh interpreter that reports its own peak resident memory.
+# (getrusage's RUSAGE_CHILDREN is no use here: a forked child inherits the parent's high-water
+# mark across exec, so it would report the bench's own peak. VmHWM belongs to the new process.)
+_CHILD = """import sys
+from RANOResponseLib.inference.bench import _peak_mib
+from RANOResponseLib.cli import main
+rc = main(sys.argv[1:])
+print(f"peak_mib {_peak_mib():.1f}", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def _peak_mib() -> float:
+    """This process's peak resident memory (VmHWM on Linux, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir: Path | None = None) -> int:
+    from RANOResponseLib.demo import demo_case
+    from RANOResponseLib.inference.pipeline import predict_pair, write_outputs
+
+    work = Path(workdir or Path(tempfile.gettempdir()) / "rano-response-bench")
+    baseline, followup, _ = demo_case(work / f"phantom-{spacing:g}mm", spacing=spacing)
+    print(f"bench: {runs} runs (median, after 1 warm-up) on {baseline.parent.name} "
+          f"{baseline.name} -> {followup.name}, {spacing:g} mm; torch threads {torch.get_num_threads()}, "
+          f"cpus {os.cpu_count()}", flush=True)
+
+    _reset_peak()  # leave the phantom generation out of the figure
+    timings: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    totals: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(runs + 1):
+        for maps in (True, False):
+            out = Path(tempfile.mkdtemp(dir=work))
+            t0 = time.perf_counter()
+            result = predict_pair(baseline, followup, device=device, attributions=maps, notice=lambda m: None)
+            write_outputs(result, out, overlay=maps)
+            wall = time.perf_counter() - t0
+            shutil.rmtree(out)
+            if i == 0:
+                continue  # warm-up: first-call allocations and kernel selection
+            totals[maps].append(wall)
+            for k, v in result.timings.items():
+                timings[maps].setdefault(k, []).append(v)
+    peak_inproc = _peak_mib()
+
+    e2e, peaks = [], []
+    for _ in range(runs):
+        out = Path(tempfile.mkdtemp(dir=work)) / "out"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _CHILD, "predict", "--baseline", str(baseline),
+                               "--followup", str(followup), "--out", str(out), "--device", device, "--quiet"],
+                              check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        e2e.append(time.perf_counter() - t0)
+        peaks.extend(float(ln.split()[1]) for ln in proc.stderr.splitlines() if ln.startswith("peak_mib "))
+        shutil.rmtree(out.parent)
+    peak_child = max(peaks) if peaks else float("nan")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import RANOResponseLib.inference.pipeline"], check=True)
+    startup = time.perf_counter() - t0
+
+    dev = result.device
+    print(f"\ndevice: {dev}\n")
+    print(f"{'stage':16s} {'with maps (s)':>14s} {'no maps (s)':>12s}")
+    for k in STAGES:
+        a, b = _median(timings[True].get(k, [])), _median(timings[False].get(k, []))
+        print(f"{k:16s} {a:14.2f} {b:12.2f}")
+    pw, pn = _median(totals[True]), _median(totals[False])
+    print(f"{'predict (in-process)':16s} {pw:10.2f} {pn:12.2f}")
+    print(f"\nimports (fresh process):         {startup:6.2f} s")
+    print(f"rano-response predict end to end: {_median(e2e):6.2f} s  (target < 20 s on 2 CPU cores, < 3 s on a GPU)")
+    print(f"peak memory (resident): rano-response predict {peak_child:.0f} MiB; "
+          f"{2 * runs} predictions in one process {peak_inproc:.0f} MiB")
+    model_ratio = (_median(timings[True]["inference"]) + _median(timings[True]["attributions"])) / \
+        _median(timings[False]["inference"])
+    print(f"\nratio predict with maps / without: {pw / pn:.2f}  (target <= 2.5)")
+    print(f"ratio model pass with maps / forward only: {model_ratio:.2f}  (reference study: 7.8)")
+    summary = {"device": dev, "runs": runs, "spacing_mm": spacing,
+               "stages_with_maps_s": {k: _median(v) for k, v in timings[True].items()},
+               "stages_without_maps_s": {k: _median(v) for k, v in timings[False].items()},
+               "predict_with_maps_s": pw, "predict_without_maps_s": pn, "ratio": pw / pn,
+               "model_ratio": model_ratio, "end_to_end_s": _median(e2e), "imports_s": startup,
+               "peak_rss_mib": {"bench": peak_inproc, "predict_command": peak_child}}
+    (work / "bench.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nwritten: {work / 'bench.json'}")
+    return 0

@@ -1,0 +1,259 @@
+"""The one data path from two study folders to a prediction with maps.
+
+``predict_pair`` does the work in memory and is what the Slicer module, the CLI and evaluation
+call; ``write_outputs`` writes its result; ``run_predict`` is both, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from RANOResponseLib import __version__
+from RANOResponseLib.core.files import atomic_output_dir, write_text
+from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, ras_to_lps, resample
+from RANOResponseLib.imaging.io import Study, check_distinct_studies, read_study, write_image
+from RANOResponseLib.imaging.preprocessing import PreparedPair, prepare_pair, to_reference
+from RANOResponseLib.imaging.registration import RegistrationParams, RegistrationResult, register_rigid
+from RANOResponseLib.inference.attributions import Prediction, predict, predict_with_maps
+from RANOResponseLib.model.bundle import Bundle, load_models, read_bundle
+from RANOResponseLib.model.device import resolve_device
+
+Progress = Callable[[str, float], None]
+SCENE_FILE = "scene/RANOResponse.mrml"  # the Slicer scene predict writes (data files referred to)
+SLICE_VIEWS = ("slice_axial.png", "slice_coronal.png", "slice_sagittal.png")
+OUTPUT_NAMES = ("prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png",
+                *SLICE_VIEWS, SCENE_FILE.split("/")[0])
+
+
+@dataclass
+class PairResult:
+    """Everything a caller may want to show or save from one prediction."""
+
+    bundle: Bundle
+    device: str
+    baseline: Study
+    followup: Study
+    registration: RegistrationResult
+    prepared: PreparedPair
+    prediction: Prediction
+    maps: dict[str, sitk.Image] = field(default_factory=dict)  # on the baseline reference grid
+    timings: dict[str, float] = field(default_factory=dict)
+    roi_center: tuple[float, float, float] | None = None  # RAS mm, when the crop was placed by hand
+
+    @property
+    def label(self) -> str:
+        return self.bundle.class_names[int(np.argmax(self.prediction.probabilities))]
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return {c: float(p) for c, p in zip(self.bundle.class_names, self.prediction.probabilities)}
+
+    def model_grid(self) -> dict:
+        """Where the network looked: the crop's centre (RAS mm, as Slicer shows it) and size."""
+        grid = self.prepared.grid
+        return {
+            "center_ras": [round(v, 4) for v in lps_to_ras(grid_center(grid))],
+            "fov_mm": [float(n * s) for n, s in zip(grid.GetSize(), grid.GetSpacing())],
+            "size": list(grid.GetSize()),
+            "spacing_mm": list(grid.GetSpacing()),
+            "placed": "roi" if self.roi_center is not None else "brain",
+        }
+
+    def summary(self) -> dict:
+        spread = {c: float(s) for c, s in zip(self.bundle.class_names, self.prediction.spread)}
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "ensemble_spread": spread,
+            "ensemble_size": len(self.bundle.weights),
+            "maps_explain": self.bundle.class_names[self.prediction.target] if self.maps else None,
+            "bundle": {"id": self.bundle.id, "path": str(self.bundle.path),
+                       "sha256": [w["sha256"] for w in self.bundle.weights]},
+            "device": self.device,
+            "inputs": {
+                "baseline": {m: str(p) for m, p in self.baseline.files.items()},
+                "followup": {m: str(p) for m, p in self.followup.files.items()},
+            },
+            "registration": self.registration.as_dict(),
+            "model_grid": self.model_grid(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "map_scale": self.prediction.raw_max,
+            "rano_response_version": __version__,
+            "note": "Research software, not for clinical use.",
+        }
+
+
+def _load_models_cached(bundle: Bundle, device: torch.device) -> list[torch.nn.Module]:
+    key = (str(bundle.path), tuple(w["sha256"] for w in bundle.weights), str(device))
+    if _MODEL_CACHE.get("key") != key:
+        _MODEL_CACHE["key"], _MODEL_CACHE["models"] = key, load_models(bundle, device)
+    return _MODEL_CACHE["models"]
+
+
+# One bundle kept loaded, so a Slicer session or a batch does not reload weights per case.
+_MODEL_CACHE: dict[str, object] = {}
+
+
+def _folder(study: Path | str | Study) -> Path:
+    return study.folder if isinstance(study, Study) else Path(study)
+
+
+def _as_study(study: Path | str | Study, bundle: Bundle) -> Study:
+    """A loaded study as is; a folder is read with the bundle's modalities."""
+    if isinstance(study, Study):
+        return study
+    return read_study(study, bundle.spec.modalities, required_by=f"bundle '{bundle.id}'")
+
+
+def predict_pair(
+    baseline: Path | str | Study,
+    followup: Path | str | Study,
+    bundle: Bundle | Path | str | None = None,
+    device: str = "auto",
+    attributions: bool = True,
+    registration: RegistrationParams | None = None,
+    progress: Progress | None = None,
+    notice: Callable[[str], None] | None = None,
+    roi_center: Sequence[float] | None = None,
+) -> PairResult:
+    """Read, register, resample, run the model and (optionally) the maps, for one case pair.
+
+    ``roi_center``: centre of the crop in RAS mm (a Slicer ROI's centre, ``--roi-center``);
+    by default the crop is centred on the baseline brain.
+    """
+    progress = progress or (lambda stage, frac: None)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    dev = resolve_device(device, notice)
+
+    t = time.perf_counter()
+    check_distinct_studies(_folder(baseline), _folder(followup))
+    base, fu = _as_study(baseline, bundle), _as_study(followup, bundle)
+    models = _load_models_cached(bundle, dev)
+    timings["read"] = time.perf_counter() - t
+    progress("read", 0.15)
+
+    t = time.perf_counter()
+    reg = register_rigid(base, fu, registration)
+    timings["register"] = time.perf_counter() - t
+    progress("registered", 0.55)
+
+    t = time.perf_counter()
+    centre = None if roi_center is None else ras_to_lps(roi_center)
+    prepared = prepare_pair(base, fu, reg.transform, bundle.spec, center=centre)
+    x = torch.from_numpy(prepared.array[None]).to(dev)
+    timings["crop_resample"] = time.perf_counter() - t
+    progress("resampled", 0.65)
+
+    maps: dict[str, sitk.Image] = {}
+    if attributions:
+        pred = predict_with_maps(models, x, bundle.gradcam_layer)
+        t = time.perf_counter()
+        reference = base.images[bundle.spec.reference_modality]
+        maps = {name: to_reference(getattr(pred, name), prepared.grid, reference)
+                for name in ("saliency", "gradcam")}
+        pred.timings["attributions"] += time.perf_counter() - t
+    else:
+        pred = predict(models, x)
+    timings.update(pred.timings)
+    timings["total"] = time.perf_counter() - t_start
+    progress("predicted", 0.9)
+    roi = None if roi_center is None else tuple(float(v) for v in roi_center)
+    return PairResult(bundle, str(dev), base, fu, reg, prepared, pred, maps, timings, roi)  # type: ignore[arg-type]
+
+
+def scene_support() -> bool:
+    """Whether MRML (3D Slicer, or the slicer-core wheel) can be imported here."""
+    try:
+        import slicer
+    except ImportError:
+        return False
+    return hasattr(slicer, "vtkMRMLScene") and hasattr(slicer, "vtkMRMLSliceLogic")
+
+
+def _title(result: PairResult) -> str:
+    probs = "  ".join(f"{c} {p:.2f}" for c, p in result.probabilities.items())
+    return (f"Predicted {result.label}   ({probs})   bundle {result.bundle.id}\n"
+            f"research use only, not for clinical use")
+
+
+def write_outputs(result: PairResult, out: Path, overlay: bool = True, scene: bool = True) -> dict[str, Path]:
+    """Write prediction.json, the maps, the transform, the pictures and a Slicer scene into ``out``.
+
+    With MRML available (slicer-core, or Slicer itself) the pictures are rendered by Slicer's slice
+    logic from the same scene that is saved as ``scene/RANOResponse.mrml`` (which refers to the
+    input studies, maps and transform instead of copying them); otherwise ``overlay.png`` is drawn
+    with matplotlib and no scene is written.
+    """
+    t = time.perf_counter()
+    out = Path(out)
+    files: dict[str, Path] = {}
+    for name, img in result.maps.items():
+        files[name] = write_image(img, out / f"{name}.nii.gz")
+    tfm = out / "followup_to_baseline.tfm"
+    sitk.WriteTransform(result.registration.transform, str(tfm))
+    files["transform"] = tfm
+    pictures = overlay and bool(result.maps)
+    if (scene or pictures) and scene_support():
+        from RANOResponseLib.mrml.scene import new_scene, populate_scene, quiet_vtk, write_scene
+        from RANOResponseLib.mrml.slice_views import render_montage, render_slice_views
+
+        with quiet_vtk():
+            mrml = new_scene()
+            nodes = populate_scene(mrml, result, files=files)
+            if pictures:
+                files["overlay"] = render_montage(mrml, nodes, out / "overlay.png", _title(result))
+                views = render_slice_views(mrml, out, prefix="slice_")
+                files.update({f"slice_{o}": p for o, p in views.items()})
+            if scene:
+                files["scene"] = write_scene(mrml, out / SCENE_FILE, copy_data=False)
+    elif pictures:
+        from RANOResponseLib.inference.overlay import render_overlay
+
+        reference = result.baseline.images[result.bundle.spec.reference_modality]
+        shown = {}
+        for mod in ("CT1", "FLAIR"):
+            if mod in result.baseline.images:
+                shown[f"{mod}:baseline"] = result.baseline.images[mod]
+                shown[f"{mod}:followup"] = resample(result.followup.images[mod], reference,
+                                                    result.registration.transform)
+        files["overlay"] = render_overlay(out / "overlay.png", shown, result.maps,
+                                          _title(result).replace("\n", "   — "))
+    result.timings["write"] = time.perf_counter() - t
+    summary = result.summary()
+    summary["outputs"] = {k: p.relative_to(out).as_posix() for k, p in files.items()}
+    files["prediction"] = write_text(json.dumps(summary, indent=2) + "\n", out / "prediction.json")
+    return files
+
+
+def run_predict(
+    baseline: Path | str,
+    followup: Path | str,
+    out: Path | str,
+    bundle: Path | str | None = None,
+    device: str = "auto",
+    attributions: bool = True,
+    progress: Progress | None = None,
+    notice: Callable[[str], None] | None = None,
+    roi_center: Sequence[float] | None = None,
+    scene: bool = True,
+) -> tuple[PairResult, dict[str, Path]]:
+    """``rano-response predict``: all outputs appear in ``out`` together, or none do."""
+    result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice,
+                          roi_center=roi_center)
+    with atomic_output_dir(out, owned=OUTPUT_NAMES) as stage:
+        files = write_outputs(result, stage, overlay=attributions, scene=scene)
+        rel = {k: p.relative_to(stage) for k, p in files.items()}
+    if progress:
+        progress("written", 1.0)
+    out = Path(out)
+    return result, {k: out / p for k, p in rel.items()}

@@ -1,0 +1,8 @@
+"""model: the networks, the model bundles that carry them, and the device they run on.
+
+- :mod:`.networks` 3D DenseNets (MONAI), the 2.5D timm wrapper, Grad-CAM layers
+- :mod:`.bundle`   reading (sha256-checked, ``weights_only=True``) and writing model bundles
+- :mod:`.device`   the one device policy (auto falls back with a notice; explicit absent = error)
+
+May import: :mod:`RANOResponseLib.core`, :mod:`RANOResponseLib.imaging`, torch, MONAI, timm.
+"""

@@ -1,0 +1,239 @@
+"""Model bundles: a folder with ``bundle.json`` and one or more ``state_dict`` weight files.
+
+``bundle.json`` declares everything needed to run the weights on new studies: the architecture
+and its arguments, the modalities and channel order, class names, model-grid spacing and size,
+normalisation, the Grad-CAM layer, training provenance, CV metrics and each weight file's sha256.
+Several weight files form an ensemble (e.g. the k fold models); predict averages them.
+
+Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is checked:
+a weights file never runs code and a corrupted or swapped file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from RANOResponseLib.core.errors import BundleError
+from RANOResponseLib.core.resources import find_resource
+from RANOResponseLib.core.files import atomic_output_dir
+from RANOResponseLib.core.names import CLASS_NAMES, MODALITIES
+from RANOResponseLib.imaging.preprocessing import NORMALIZATIONS, Channel, InputSpec
+
+FORMAT = "rano-response-bundle"
+FORMAT_VERSION = 1
+DEFAULT_BUNDLE_ID = "rano-compact-phantom-v2"
+BUNDLE_ENV = "RANO_RESPONSE_BUNDLE"
+
+
+@dataclass
+class Bundle:
+    """A validated bundle description (weights not yet loaded)."""
+
+    path: Path
+    id: str
+    architecture: dict[str, Any]
+    spec: InputSpec
+    class_names: tuple[str, ...]
+    gradcam_layer: str
+    weights: list[dict[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.spec.channels)
+
+
+def sha256(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_bundle_path() -> Path:
+    """``$RANO_RESPONSE_BUNDLE``, else the bundle shipped in the extension's Resources/Models."""
+    env = os.environ.get(BUNDLE_ENV)
+    if env:
+        return Path(env)
+    return find_resource("Models", DEFAULT_BUNDLE_ID)
+
+
+def _require(cond: bool, where: Path, msg: str) -> None:
+    if not cond:
+        raise BundleError(f"{where}: {msg}")
+
+
+def read_bundle(path: Path | str | None = None) -> Bundle:
+    """Read and validate ``bundle.json`` (structure, consistency, weight files present)."""
+    path = Path(path) if path else default_bundle_path()
+    meta_file = path / "bundle.json" if path.is_dir() else path
+    root = meta_file.parent
+    _require(meta_file.is_file(), meta_file, "model bundle not found (no bundle.json)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 decoding errors
+        raise BundleError(f"{meta_file}: not valid JSON ({e})") from None
+    _require(isinstance(meta, dict), meta_file, "top level must be an object")
+    _require(meta.get("format") == FORMAT, meta_file, f"'format' must be {FORMAT!r}")
+    _require(meta.get("format_version") == FORMAT_VERSION, meta_file,
+             f"unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+    for key in ("id", "architecture", "modalities", "channels", "class_names", "spacing_mm",
+                "input_size", "normalization", "gradcam_layer", "weights"):
+        _require(key in meta, meta_file, f"missing key '{key}'")
+
+    modalities = tuple(meta["modalities"])
+    _require(len(modalities) > 0 and set(modalities) <= set(MODALITIES) and len(set(modalities)) == len(modalities),
+             meta_file, f"modalities {list(modalities)} must be distinct names from {list(MODALITIES)}")
+    try:
+        channels = tuple(Channel.parse(c) for c in meta["channels"])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise BundleError(f"{meta_file}: {e}") from None
+    _require({c.modality for c in channels} == set(modalities), meta_file,
+             "channels must use exactly the declared modalities")
+    class_names = tuple(meta["class_names"])
+    _require(len(class_names) >= 2 and len(set(class_names)) == len(class_names), meta_file,
+             "class_names must be at least two distinct names")
+    spacing, size = meta["spacing_mm"], meta["input_size"]
+    _require(isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in spacing),
+             meta_file, "spacing_mm must be three positive numbers (x, y, z)")
+    _require(isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s >= 16 for s in size),
+             meta_file, "input_size must be three integers >= 16 (x, y, z)")
+    norm = meta["normalization"]
+    _require(isinstance(norm, dict) and norm.get("method") in NORMALIZATIONS, meta_file,
+             f"normalization.method must be one of {list(NORMALIZATIONS)}")
+    arch = meta["architecture"]
+    _require(isinstance(arch, dict) and isinstance(arch.get("args"), dict), meta_file,
+             "architecture must be an object with 'name' and 'args'")
+    from RANOResponseLib.model.networks import ARCHITECTURES
+
+    _require(arch.get("name") in ARCHITECTURES, meta_file,
+             f"unknown architecture {arch.get('name')!r} (known: {', '.join(ARCHITECTURES)})")
+    args = arch["args"]
+    _require(args.get("in_channels") == len(channels), meta_file,
+             f"architecture in_channels {args.get('in_channels')} != {len(channels)} declared channels")
+    _require(args.get("out_channels") == len(class_names), meta_file,
+             f"architecture out_channels {args.get('out_channels')} != {len(class_names)} class names")
+    weights = meta["weights"]
+    _require(isinstance(weights, list) and len(weights) > 0, meta_file, "weights must be a non-empty list")
+    for w in weights:
+        _require(isinstance(w, dict) and "file" in w and "sha256" in w, meta_file,
+                 "each weights entry needs 'file' and 'sha256'")
+        _require((root / w["file"]).is_file(), root / w["file"], "weights file missing")
+
+    spec = InputSpec(
+        modalities=modalities,
+        channels=channels,
+        spacing=tuple(float(s) for s in spacing),
+        size=tuple(int(s) for s in size),
+        normalization=norm["method"],
+        clip=float(norm.get("clip", 5.0)),
+    )
+    return Bundle(
+        path=root,
+        id=str(meta["id"]),
+        architecture=arch,
+        spec=spec,
+        class_names=class_names,
+        gradcam_layer=str(meta["gradcam_layer"]),
+        weights=weights,
+        meta=meta,
+    )
+
+
+def load_models(bundle: Bundle, device: "Any" = "cpu") -> list["Any"]:
+    """Verify each weight file's sha256, load it with ``weights_only=True`` and build the models."""
+    import torch
+
+    from RANOResponseLib.model.networks import build_network
+
+    models = []
+    for w in bundle.weights:
+        f = bundle.path / w["file"]
+        digest = sha256(f)
+        if digest != w["sha256"]:
+            raise BundleError(
+                f"{f}: sha256 mismatch (bundle.json says {w['sha256'][:12]}..., file is {digest[:12]}...); "
+                "the weights are corrupted or were replaced"
+            )
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad bundle
+            raise BundleError(f"{f}: cannot load weights ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BundleError(f"{f}: not a state_dict (expected a flat mapping of parameter names to tensors)")
+        net = build_network(bundle.architecture["name"], **bundle.architecture["args"])
+        try:
+            net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0:2]
+            raise BundleError(f"{f}: weights do not fit the declared architecture ({' '.join(first)})") from None
+        models.append(net.to(device).eval())
+    _require(
+        gradcam_layer_exists(models[0], bundle.gradcam_layer), bundle.path / "bundle.json",
+        f"gradcam_layer {bundle.gradcam_layer!r} is not a module of the network",
+    )
+    return models
+
+
+def gradcam_layer_exists(model: Any, name: str) -> bool:
+    return name in dict(model.named_modules())
+
+
+def write_bundle(
+    out: Path | str,
+    *,
+    bundle_id: str,
+    architecture: dict[str, Any],
+    spec: InputSpec,
+    state_dicts: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str] = CLASS_NAMES,
+    gradcam_layer: str = "features.denseblock3",
+    extra: Mapping[str, Any] | None = None,
+    half: bool = True,
+    model_card: str | None = None,
+) -> Path:
+    """Write a bundle folder atomically (staged next to ``out``, then renamed into place).
+
+    ``half`` stores floating-point tensors as float16 to keep the repository small; they are
+    loaded back as float32.
+    """
+    import torch
+
+    out = Path(out)
+    previous = [p.name for p in out.iterdir()] if out.is_dir() else []
+    # staged, then moved in; whatever an earlier bundle left there (more ensemble members) goes
+    with atomic_output_dir(out, owned=previous) as stage:
+        weights = []
+        for i, sd in enumerate(state_dicts):
+            name = "weights.pt" if len(state_dicts) == 1 else f"weights-{i}.pt"
+            tensors = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+                       for k, v in sd.items()}
+            torch.save(tensors, stage / name)
+            weights.append({"file": name, "sha256": sha256(stage / name),
+                            "dtype": "float16" if half else "float32"})
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "id": bundle_id,
+            "architecture": architecture,
+            "modalities": list(spec.modalities),
+            "channels": [str(c) for c in spec.channels],
+            "class_names": list(class_names),
+            "spacing_mm": list(spec.spacing),
+            "input_size": list(spec.size),
+            "normalization": {"method": spec.normalization, "mask": "nonzero", "clip": spec.clip},
+            "gradcam_layer": gradcam_layer,
+            "weights": weights,
+        }
+        meta.update(extra or {})
+        (stage / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if model_card:
+            (stage / "MODEL_CARD.md").write_text(model_card, encoding="utf-8")
+    read_bundle(out)  # what we wrote must load
+    return out

@@ -1,0 +1,11 @@
+"""mrml: the Slicer side without Qt. Scene code takes a ``vtkMRMLScene`` and is tested on slicer-core.
+
+- :mod:`.scene`             studies, registration transform, crop ROI, map nodes, overlays, results table
+- :mod:`.slice_views`       slice-logic pictures (axial/coronal/sagittal, montage)
+- :mod:`.measurement_scene` diameters as line markups, reassessment when they move
+- :mod:`.runner`            Apply: scene nodes -> study folders -> predict child -> nodes
+- :mod:`.process`           the background child process (progress, cancel)
+- :mod:`.dependencies`      which runtime packages are missing or incompatible in Slicer's Python
+
+May import: everything below it in :mod:`RANOResponseLib`, vtk/MRML. Never Qt, ctk or the Slicer application object.
+"""

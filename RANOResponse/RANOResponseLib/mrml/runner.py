@@ -1,0 +1,126 @@
+"""What the RANOResponse module does when Apply is pressed, without Qt.
+
+Studies are volume nodes in a scene. They reach the core as study folders: the folder the nodes
+were read from when every node still matches its file, otherwise the nodes are exported to a
+private folder first. ``rano-response predict`` then runs in a child process
+(:class:`~RANOResponseLib.process.BackgroundRun`), and its output folder is loaded back into the
+scene with the same scene logic the CLI uses to write its ``.mrml`` (``scene.load_outputs``).
+
+Cancel kills the child and removes the private folder: nothing was added to the scene, since the
+scene is only touched once the child has finished successfully.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.imaging.io import find_modality_file
+from RANOResponseLib.mrml.process import BackgroundRun, core_command
+
+
+@dataclass
+class PredictRequest:
+    """The inputs of one prediction, as the module's parameter node holds them."""
+
+    baseline: Mapping[str, object]  # modality -> vtkMRMLScalarVolumeNode
+    followup: Mapping[str, object]
+    modalities: tuple[str, ...]  # what the bundle needs
+    bundle: Path | None = None
+    device: str = "cpu"
+    roi: object | None = None  # vtkMRMLMarkupsROINode; its centre is the crop centre
+    maps: bool = True
+
+
+@dataclass
+class PredictJob:
+    """A running prediction: the child process and where its outputs will appear."""
+
+    request: PredictRequest
+    run: BackgroundRun
+    workdir: Path
+    out: Path
+    inputs: dict[str, Path] = field(default_factory=dict)
+
+
+def _node_file(node) -> Path | None:
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is None or not storage.GetFileName():
+        return None
+    if node.GetModifiedSinceRead() or node.GetParentTransformNode() is not None:
+        return None  # edited or moved since it was read: the file no longer is the node
+    return Path(storage.GetFileName())
+
+
+def study_folder(nodes: Mapping[str, object], modalities: tuple[str, ...], label: str, stage: Path) -> Path:
+    """A folder with the study's files for ``modalities``.
+
+    The folder the nodes came from when each node is the unmodified file the core would pick
+    there; otherwise the nodes are written into ``stage/label`` (NIfTI, through storage nodes).
+    """
+    missing = [m for m in modalities if nodes.get(m) is None]
+    if missing:
+        raise RANOInputError(f"{label}: no volume chosen for {', '.join(missing)} (the model needs "
+                             f"{', '.join(modalities)})")
+    files = {m: _node_file(nodes[m]) for m in modalities}
+    folders = {f.parent for f in files.values() if f is not None}
+    if None not in files.values() and len(folders) == 1:
+        folder = folders.pop()
+        try:
+            if all(find_modality_file(folder, m).resolve() == files[m].resolve() for m in modalities):
+                return folder
+        except RANOInputError:
+            pass
+    from RANOResponseLib.mrml.scene import export_study_nodes
+
+    target = stage / label
+    export_study_nodes({m: nodes[m] for m in modalities}, target)
+    return target
+
+
+def start_predict(request: PredictRequest, python: str | None = None, workdir: Path | None = None) -> PredictJob:
+    """Start ``rano-response predict`` on the request in a child process; returns at once."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="RANOResponse-"))
+    try:
+        inputs = {"baseline": study_folder(request.baseline, request.modalities, "baseline", workdir),
+                  "followup": study_folder(request.followup, request.modalities, "followup", workdir)}
+        out = workdir / "result"
+        args = ["predict", "--baseline", str(inputs["baseline"]), "--followup", str(inputs["followup"]),
+                "--out", str(out), "--device", request.device]
+        if request.bundle:
+            args += ["--bundle", str(request.bundle)]
+        if not request.maps:
+            args.append("--no-maps")
+        if request.roi is not None:
+            from RANOResponseLib.mrml.scene import roi_center
+
+            args += ["--roi-center", ",".join(f"{v:.3f}" for v in roi_center(request.roi))]
+        run = BackgroundRun(core_command(python, *args), cleanup=[workdir])
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return PredictJob(request, run, workdir, out, inputs)
+
+
+def finish_predict(scene, job: PredictJob):
+    """Load a finished job's outputs into ``scene`` over the request's nodes; returns the scene nodes.
+
+    Raises :class:`RANOInputError` with the child's own message when it failed.
+    """
+    code = job.run.wait()
+    if code != 0:
+        raise RANOInputError(f"prediction failed: {job.run.error_message()}")
+    from RANOResponseLib.mrml.scene import load_outputs
+
+    return load_outputs(scene, job.out, baseline_nodes=dict(job.request.baseline),
+                        followup_nodes=dict(job.request.followup), roi=job.request.roi)
+
+
+def discard(job: PredictJob) -> None:
+    """Cancel a job (if still running) and remove its private folder."""
+    job.run.cancel()
+    shutil.rmtree(job.workdir, ignore_errors=True)
