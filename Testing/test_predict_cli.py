@@ -21,6 +21,7 @@ from conftest import BAD_KINDS, cli_command, cli_env, modality_file, png_size
 from RANOResponseCLI import main as cli_main
 from RANOResponseLib.core.names import CLASS_NAMES
 from RANOResponseLib.inference.pipeline import run_predict
+from RANOResponseLib.mrml.outputs import output_writers
 
 CUDA = torch.cuda.is_available()
 STAGES = ("read", "register", "crop_resample", "inference", "attributions", "write")
@@ -49,7 +50,7 @@ def predict_run(tmp_path_factory, case_pair, tiny_bundle):
     """One full run_predict (maps and overlay) on the phantom pair with the tiny bundle."""
     out = tmp_path_factory.mktemp("predict") / "results" / "case-1"
     stages = []
-    result, files = run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu",
+    result, files = run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers(),
                                 progress=lambda stage, frac: stages.append((stage, frac)))
     summary = json.loads((out / "prediction.json").read_text())
     return SimpleNamespace(out=out, result=result, files=files, stages=stages, summary=summary)
@@ -324,9 +325,9 @@ def test_rerun_into_same_out_leaves_no_stale_outputs(tmp_path, case_pair, tiny_b
     """A --no-maps run into a folder that holds an earlier run's maps removes them, so the
     folder never shows maps that do not belong to its prediction.json; other files stay."""
     out = tmp_path / "same"
-    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu")
+    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers())
     assert (out / "gradcam.nii.gz").exists()
     (out / "notes.txt").write_text("mine")
-    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", attributions=False)
+    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", attributions=False, writers=output_writers(pictures=False))
     names = sorted(p.name for p in out.iterdir())
     assert names == ["followup_to_baseline.tfm", "notes.txt", "prediction.json", "scene"]

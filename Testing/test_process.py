@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env
-from RANOResponseLib.model.device import choose_device
 from RANOResponseLib.mrml.process import BackgroundRun, core_command, parse_progress
 
 

@@ -20,9 +20,10 @@ from RANOResponseLib.review.store import Case, ReviewStore, make_verdict
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory, case_pair, tiny_bundle) -> Path:
     from RANOResponseLib.inference.pipeline import run_predict
+    from RANOResponseLib.mrml.outputs import output_writers
 
     out = tmp_path_factory.mktemp("report") / "prediction"
-    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu")
+    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers())
     return out
 
 

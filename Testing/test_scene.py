@@ -28,6 +28,7 @@ from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, model_grid
 from RANOResponseLib.imaging.io import Study, read_image, read_study  # noqa: E402
 from RANOResponseLib.imaging.preprocessing import InputSpec, default_channels, prepare_pair
 from RANOResponseLib.inference.pipeline import SCENE_FILE, run_predict  # noqa: E402
+from RANOResponseLib.mrml.outputs import output_writers
 from RANOResponseLib.mrml.scene import (
     MAP_THRESHOLD,
     add_map_node,
@@ -396,7 +397,7 @@ def test_results_table():
 def predicted(tmp_path_factory, case_pair, tiny_bundle):
     """One run_predict (tiny bundle, 4 mm phantom pair) and its output folder."""
     out = tmp_path_factory.mktemp("scene-predict") / "case"
-    result, files = run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu")
+    result, files = run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers())
     summary = json.loads((out / "prediction.json").read_text())
     return SimpleNamespace(out=out, result=result, files=files, summary=summary)
 

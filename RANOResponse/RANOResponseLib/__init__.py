@@ -17,7 +17,7 @@ same functions. Sub-packages, lowest first; each may import only those listed be
 Data path: study folder -> :func:`imaging.io.read_study` -> :func:`imaging.registration.register_rigid`
 -> :func:`imaging.preprocessing.prepare_pair` (model grid, normalised, stacked channels) ->
 :mod:`model` / :mod:`inference.attributions` -> maps resampled onto the baseline grid -> files
-written atomically (:mod:`inference.pipeline`). :mod:`cli` (the core's commands) and :mod:`demo`
+written atomically (:mod:`inference.pipeline`). :mod:`cli` (the core's commands), :mod:`demo` and :mod:`bench`
 sit on top. Nothing here imports ``ResponseTrainingLib``.
 """
 

@@ -42,6 +42,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from RANOResponseLib.inference.pipeline import run_predict
+    from RANOResponseLib.mrml.outputs import output_writers
 
     def progress(stage: str, frac: float) -> None:
         if not args.quiet:
@@ -49,7 +50,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     result, files = run_predict(args.baseline, args.followup, args.out, bundle=args.bundle,
                                 device=args.device, attributions=not args.no_maps,
-                                progress=progress, roi_center=args.roi_center, scene=not args.no_scene)
+                                progress=progress, roi_center=args.roi_center,
+                                writers=output_writers(pictures=not (args.no_maps or args.no_pictures),
+                                                       scene=not args.no_scene))
     probs = "  ".join(f"{c}={p:.3f}" for c, p in result.probabilities.items())
     print(f"label: {result.label}")
     print(f"probabilities: {probs}")
@@ -61,7 +64,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from RANOResponseLib.inference.bench import run_bench
+    from RANOResponseLib.bench import run_bench
 
     return run_bench(runs=args.runs, spacing=args.spacing, device=args.device, workdir=args.workdir)
 
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--roi-center", type=_ras_point, default=None, metavar="R,A,S",
                     help="centre of the crop in RAS mm, as Slicer shows it (default: the baseline brain's centre)")
     pr.add_argument("--no-scene", action="store_true", help="do not write the Slicer scene (scene/RANOResponse.mrml)")
+    pr.add_argument("--no-pictures", action="store_true",
+                    help="do not render overlay.png and the slice views (the maps are still written)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_predict)
 

@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     from RANOResponseLib.inference.pipeline import run_predict
+    from RANOResponseLib.mrml.outputs import output_writers
 
     try:
         baseline, followup, truth = demo_case(args.out / "phantom")
         print(f"baseline:  {baseline}\nfollow-up: {followup}", file=sys.stderr)
-        result, files = run_predict(baseline, followup, args.out / "prediction", device=args.device,
+        result, files = run_predict(baseline, followup, args.out / "prediction", device=args.device, writers=output_writers(),
                                     progress=lambda stage, frac: print(f"  [{frac:4.0%}] {stage}", file=sys.stderr))
     except RANOInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,6 @@
 - :mod:`.pipeline`     predict: read, register, crop, infer, write outputs atomically; writers
                        for the scene and pictures are injected by the caller
 - :mod:`.overlay`      the matplotlib overlay picture (when no MRML is at hand)
-- :mod:`.bench`        per-stage timings for ``make bench``
 
 May import: core, imaging, model. Not rano, review or mrml.
 """

@@ -86,3 +86,22 @@ def render_overlay(
     fig.savefig(path, dpi=100, facecolor="black", format="png")
     plt.close(fig)
     return path
+
+
+def overlay_writer(result, out: Path, files: Mapping[str, Path]) -> dict[str, Path]:
+    """A :data:`~RANOResponseLib.inference.pipeline.OutputWriter` for when no MRML is at hand:
+    ``overlay.png`` with matplotlib (baseline and registered follow-up CT1 and FLAIR)."""
+    from RANOResponseLib.imaging.geometry import resample
+    from RANOResponseLib.inference.pipeline import result_title
+
+    if not result.maps:
+        return {}
+    reference = result.baseline.images[result.bundle.spec.reference_modality]
+    shown = {}
+    for mod in ("CT1", "FLAIR"):
+        if mod in result.baseline.images:
+            shown[f"{mod}:baseline"] = result.baseline.images[mod]
+            shown[f"{mod}:followup"] = resample(result.followup.images[mod], reference,
+                                                result.registration.transform)
+    return {"overlay": render_overlay(out / "overlay.png", shown, result.maps,
+                                      result_title(result).replace("\n", "   — "))}

@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,7 +18,7 @@ import torch
 
 from RANOResponseLib import __version__
 from RANOResponseLib.core.files import atomic_output_dir, write_text
-from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, ras_to_lps, resample
+from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, ras_to_lps
 from RANOResponseLib.imaging.io import Study, check_distinct_studies, read_study, write_image
 from RANOResponseLib.imaging.preprocessing import PreparedPair, prepare_pair, to_reference
 from RANOResponseLib.imaging.registration import RegistrationParams, RegistrationResult, register_rigid
@@ -171,29 +171,22 @@ def predict_pair(
     return PairResult(bundle, str(dev), base, fu, reg, prepared, pred, maps, timings, roi)  # type: ignore[arg-type]
 
 
-def scene_support() -> bool:
-    """Whether MRML (3D Slicer, or the slicer-core wheel) can be imported here."""
-    try:
-        import slicer
-    except ImportError:
-        return False
-    return hasattr(slicer, "vtkMRMLScene") and hasattr(slicer, "vtkMRMLSliceLogic")
-
-
-def _title(result: PairResult) -> str:
+def result_title(result: PairResult) -> str:
+    """The caption of every picture of a result: label, probabilities, bundle, research use."""
     probs = "  ".join(f"{c} {p:.2f}" for c, p in result.probabilities.items())
     return (f"Predicted {result.label}   ({probs})   bundle {result.bundle.id}\n"
             f"research use only, not for clinical use")
 
 
-def write_outputs(result: PairResult, out: Path, overlay: bool = True, scene: bool = True) -> dict[str, Path]:
-    """Write prediction.json, the maps, the transform, the pictures and a Slicer scene into ``out``.
+# A writer adds files to an output folder from a result: (result, out, files so far) -> new files.
+# The headless pipeline writes the maps, the transform and prediction.json itself; pictures and
+# the Slicer scene come from writers the caller injects (RANOResponseLib.mrml.outputs), so that
+# this layer never imports the scene code.
+OutputWriter = Callable[[PairResult, Path, Mapping[str, Path]], Mapping[str, Path]]
 
-    With MRML available (slicer-core, or Slicer itself) the pictures are rendered by Slicer's slice
-    logic from the same scene that is saved as ``scene/RANOResponse.mrml`` (which refers to the
-    input studies, maps and transform instead of copying them); otherwise ``overlay.png`` is drawn
-    with matplotlib and no scene is written.
-    """
+
+def write_outputs(result: PairResult, out: Path, writers: Sequence[OutputWriter] = ()) -> dict[str, Path]:
+    """Write the maps, the transform, whatever ``writers`` add, and last prediction.json into ``out``."""
     t = time.perf_counter()
     out = Path(out)
     files: dict[str, Path] = {}
@@ -202,32 +195,8 @@ def write_outputs(result: PairResult, out: Path, overlay: bool = True, scene: bo
     tfm = out / "followup_to_baseline.tfm"
     sitk.WriteTransform(result.registration.transform, str(tfm))
     files["transform"] = tfm
-    pictures = overlay and bool(result.maps)
-    if (scene or pictures) and scene_support():
-        from RANOResponseLib.mrml.scene import new_scene, populate_scene, quiet_vtk, write_scene
-        from RANOResponseLib.mrml.slice_views import render_montage, render_slice_views
-
-        with quiet_vtk():
-            mrml = new_scene()
-            nodes = populate_scene(mrml, result, files=files)
-            if pictures:
-                files["overlay"] = render_montage(mrml, nodes, out / "overlay.png", _title(result))
-                views = render_slice_views(mrml, out, prefix="slice_")
-                files.update({f"slice_{o}": p for o, p in views.items()})
-            if scene:
-                files["scene"] = write_scene(mrml, out / SCENE_FILE, copy_data=False)
-    elif pictures:
-        from RANOResponseLib.inference.overlay import render_overlay
-
-        reference = result.baseline.images[result.bundle.spec.reference_modality]
-        shown = {}
-        for mod in ("CT1", "FLAIR"):
-            if mod in result.baseline.images:
-                shown[f"{mod}:baseline"] = result.baseline.images[mod]
-                shown[f"{mod}:followup"] = resample(result.followup.images[mod], reference,
-                                                    result.registration.transform)
-        files["overlay"] = render_overlay(out / "overlay.png", shown, result.maps,
-                                          _title(result).replace("\n", "   — "))
+    for writer in writers:
+        files.update(writer(result, out, dict(files)))
     result.timings["write"] = time.perf_counter() - t
     summary = result.summary()
     summary["outputs"] = {k: p.relative_to(out).as_posix() for k, p in files.items()}
@@ -245,13 +214,16 @@ def run_predict(
     progress: Progress | None = None,
     notice: Callable[[str], None] | None = None,
     roi_center: Sequence[float] | None = None,
-    scene: bool = True,
+    writers: Sequence[OutputWriter] = (),
 ) -> tuple[PairResult, dict[str, Path]]:
-    """``rano-response predict``: all outputs appear in ``out`` together, or none do."""
+    """``rano-response predict``: all outputs appear in ``out`` together, or none do.
+
+    ``writers`` add pictures and the Slicer scene (see :func:`RANOResponseLib.mrml.outputs.output_writers`).
+    """
     result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice,
                           roi_center=roi_center)
     with atomic_output_dir(out, owned=OUTPUT_NAMES) as stage:
-        files = write_outputs(result, stage, overlay=attributions, scene=scene)
+        files = write_outputs(result, stage, writers)
         rel = {k: p.relative_to(stage) for k, p in files.items()}
     if progress:
         progress("written", 1.0)

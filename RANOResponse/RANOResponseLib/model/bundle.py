@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from RANOResponseLib.core.errors import BundleError
-from RANOResponseLib.core.resources import find_resource
 from RANOResponseLib.core.files import atomic_output_dir
 from RANOResponseLib.core.names import CLASS_NAMES, MODALITIES
+from RANOResponseLib.core.resources import find_resource
 from RANOResponseLib.imaging.preprocessing import NORMALIZATIONS, Channel, InputSpec
 
 FORMAT = "rano-response-bundle"

@@ -2,6 +2,7 @@
 
 - :mod:`.scene`             studies, registration transform, crop ROI, map nodes, overlays, results table
 - :mod:`.slice_views`       slice-logic pictures (axial/coronal/sagittal, montage)
+- :mod:`.outputs`           the scene and pictures predict writes (writers injected into the pipeline)
 - :mod:`.measurement_scene` diameters as line markups, reassessment when they move
 - :mod:`.runner`            Apply: scene nodes -> study folders -> predict child -> nodes
 - :mod:`.process`           the background child process (progress, cancel)

@@ -28,7 +28,7 @@ STAGES = ("read", "register", "crop_resample", "inference", "attributions", "wri
 # (getrusage's RUSAGE_CHILDREN is no use here: a forked child inherits the parent's high-water
 # mark across exec, so it would report the bench's own peak. VmHWM belongs to the new process.)
 _CHILD = """import sys
-from RANOResponseLib.inference.bench import _peak_mib
+from RANOResponseLib.bench import _peak_mib
 from RANOResponseLib.cli import main
 rc = main(sys.argv[1:])
 print(f"peak_mib {_peak_mib():.1f}", file=sys.stderr)
@@ -64,6 +64,7 @@ def _median(values: list[float]) -> float:
 def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir: Path | None = None) -> int:
     from RANOResponseLib.demo import demo_case
     from RANOResponseLib.inference.pipeline import predict_pair, write_outputs
+    from RANOResponseLib.mrml.outputs import output_writers
 
     work = Path(workdir or Path(tempfile.gettempdir()) / "rano-response-bench")
     baseline, followup, _ = demo_case(work / f"phantom-{spacing:g}mm", spacing=spacing)
@@ -79,7 +80,7 @@ def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir
             out = Path(tempfile.mkdtemp(dir=work))
             t0 = time.perf_counter()
             result = predict_pair(baseline, followup, device=device, attributions=maps, notice=lambda m: None)
-            write_outputs(result, out, overlay=maps)
+            write_outputs(result, out, output_writers(pictures=maps))
             wall = time.perf_counter() - t0
             shutil.rmtree(out)
             if i == 0:
