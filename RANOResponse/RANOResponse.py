@@ -1,12 +1,12 @@
-"""RANOResponse: the clinical 3D Slicer module.
+"""RANOResponse: the clinical 3D Slicer module. Wiring only.
 
-Thin on purpose. Everything that computes or touches the scene lives in RANOResponseLib (no Qt,
-tested in pytest on the real MRML of the ``slicer-core`` wheel); this file wires the UI to it:
+Everything that computes or touches the scene lives in RANOResponseLib (no Qt, tested in pytest on
+the real MRML of the ``slicer-core`` wheel); this file connects the panel to it:
 
-* scene.py     load studies into volume nodes, transform / ROI / map / table nodes, overlays
-* runner.py    Apply: ``rano-response predict`` in a child process, then its outputs into the scene
-* process.py   the child process (progress, cancel) and the device choice with CPU fallback
-* review.py, measurement*.py, rano_rules.py, report.py   the review panel
+* mrml/logic.py         ``PanelLogic``: what each button does to the scene (this Logic subclasses it)
+* mrml/runner.py, mrml/process.py   Apply: ``predict`` in a child process (polled by a QTimer here)
+* mrml/dependencies.py  which packages Slicer's Python lacks or has in an incompatible version
+* datasets/samples.py   the shipped sample case pair the self-test runs on
 """
 
 import os
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import qt
 import slicer
 import vtk
 from slicer import (
@@ -32,12 +33,12 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-for _p in (_HERE, os.path.join(os.path.dirname(_HERE), "ResponseTraining")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
-MODALITIES = ("CT1", "T1", "T2", "FLAIR")
-MAP_NAMES = ("Grad-CAM", "Saliency")
+# light imports (standard library only): the module loads before the runtime's packages are installed
+from RANOResponseLib.mrml.logic import MAP_CHOICES, PanelLogic, result_html  # noqa: E402
+from RANOResponseLib.mrml.process import slicer_python  # noqa: E402
 
 
 class RANOResponse(ScriptedLoadableModule):
@@ -73,7 +74,7 @@ class RANOResponseParameterNode:
     followupFLAIR: vtkMRMLScalarVolumeNode
     bundle: Path
     roi: vtkMRMLMarkupsROINode
-    mapName: Annotated[str, Choice(list(MAP_NAMES))] = "Grad-CAM"
+    mapName: Annotated[str, Choice(list(MAP_CHOICES))] = "Grad-CAM"
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
     worklist: Path
     reviewDatabase: Path
@@ -96,12 +97,9 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._timer = None
-        self._review = None
 
     # ------------------------------------------------------------------ setup
     def setup(self):
-        import qt
-
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/RANOResponse.ui"))
         self.layout.addWidget(uiWidget)
@@ -136,25 +134,24 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveVerdictButton.connect("clicked(bool)", lambda: self.onSaveVerdict(agree=False))
         self.ui.exportVerdictsButton.connect("clicked(bool)", self.onExportVerdicts)
         self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.onDeviceChanged(self.ui.deviceComboBox.currentIndex)
         self.initializeParameterNode()
 
     def cleanup(self):
         self._cancelJob()
+        self.logic.reset()
         self.removeObservers()
-        if self._parameterNode and self._parameterNodeGuiTag:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self.setParameterNode(None)
 
     def enter(self):
         self.initializeParameterNode()
 
     def exit(self):
-        if self._parameterNode and self._parameterNodeGuiTag:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
         self._cancelJob()
+        self.logic.reset()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -168,6 +165,7 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             if self._parameterNodeGuiTag:
                 self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+                self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
         self._parameterNode = node
         if node:
@@ -180,51 +178,42 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p:
             return
-        needed = self.logic.requiredModalities(p.bundle)
-        ready = all(getattr(p, f"baseline{m}") and getattr(p, f"followup{m}") for m in needed)
         if self._job is None:
-            self.ui.applyButton.enabled = ready
-            self.ui.applyButton.toolTip = ("Register, crop, classify and compute the maps" if ready else
-                                           "Assign baseline and follow-up volumes for " + ", ".join(needed))
-        self.logic.showMap(p)
+            self.ui.applyButton.enabled, self.ui.applyButton.toolTip = self.logic.apply_readiness(p)
+        self.logic.update_overlay(p)  # shows the map only when the map, its opacity or the result changed
 
     def onDeviceChanged(self, index):
-        device = self.ui.deviceComboBox.itemData(index)
-        _, warning = self.logic.chooseDevice(device)
-        self.ui.deviceWarningLabel.text = warning or ""
+        self.ui.deviceWarningLabel.text = self.logic.device_notice(self.ui.deviceComboBox.itemData(index))
 
     def onLoadStudies(self):
-        p = self._parameterNode
         if not self.logic.ensurePackages():
             return
         with slicer.util.tryWithErrorDisplay("Could not load the studies.", waitCursor=True):
-            for role in ("baseline", "followup"):
-                folder = getattr(p, f"{role}Folder")
-                if folder and str(folder) not in ("", "."):
-                    for modality, node in self.logic.loadStudy(folder, role).items():
-                        setattr(p, f"{role}{modality}", node)
-            if p.baselineCT1 or p.baselineT1:
-                slicer.util.setSliceViewerLayers(background=p.baselineCT1 or p.baselineT1, fit=True)
+            self._showBackground(self.logic.load_studies(self._parameterNode))
+
+    def _showBackground(self, node):
+        result = self.logic.result  # None once another case is loaded
+        self.ui.resultLabel.text = result_html(result.nodes.summary) if result else "No prediction yet."
+        if node is not None:
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
 
     def onFitRoi(self):
-        p = self._parameterNode
         if not self.logic.ensurePackages():
             return
         with slicer.util.tryWithErrorDisplay("Could not fit the region.", waitCursor=True):
-            p.roi = self.logic.fitRoi(p)
+            self.logic.fit_roi(self._parameterNode)
 
     def onApply(self):
         if self._job is not None:  # Apply is Cancel while a run is going
             self._cancelJob()
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
             return
+        if not self.logic.ensurePackages():
+            return
         with slicer.util.tryWithErrorDisplay("Could not start the prediction.", waitCursor=True):
-            if not self.logic.ensurePackages():
-                return
-            device, warning = self.logic.chooseDevice(self.ui.deviceComboBox.currentData)
-            if warning:
-                self.ui.deviceWarningLabel.text = warning
-            self._job = self.logic.startPrediction(self._parameterNode, device)
+            # an explicit GPU that is absent raises DeviceError: shown, never a silent switch to the CPU
+            self._job, notice = self.logic.start_prediction(self._parameterNode, self.ui.deviceComboBox.currentData)
+            self.ui.deviceWarningLabel.text = notice
             self._setRunning(True)
             self._timer.start()
 
@@ -242,8 +231,8 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._setRunning(False)
         with slicer.util.tryWithErrorDisplay("RANO response prediction failed.", waitCursor=True):
-            summary = self.logic.finishPrediction(self._parameterNode, job)
-            self.ui.resultLabel.text = self.logic.resultHtml(summary)
+            summary = self.logic.finish_prediction(self._parameterNode, job)
+            self.ui.resultLabel.text = result_html(summary)
             self.ui.statusLabel.text = f"Done in {job.run.elapsed:.1f} s on {summary.get('device', '?')}."
 
     def _setRunning(self, running):
@@ -251,8 +240,11 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = True
         self.ui.progressBar.visible = running
         self.ui.progressBar.value = 0
-        for name in ("loadStudiesButton", "fitRoiButton", "inputsCollapsibleButton", "modelCollapsibleButton"):
+        for name in ("loadStudiesButton", "fitRoiButton", "inputsCollapsibleButton", "modelCollapsibleButton",
+                     "reviewCollapsibleButton"):  # a case change mid-run would mix two cases
             getattr(self.ui, name).enabled = not running
+        if not running:
+            self.onParameterChanged()
 
     def _cancelJob(self):
         if self._timer:
@@ -263,329 +255,137 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setRunning(False)
 
     def onSaveScene(self):
-        import qt
-
-        path = qt.QFileDialog.getSaveFileName(None, "Save results as a scene", "", "Slicer scene (*.mrml)")
+        path = qt.QFileDialog.getSaveFileName(None, "Save results as a scene", "", "Slicer scene (*.mrml *.mrb)")
         if path:
             with slicer.util.tryWithErrorDisplay("Could not save the scene.", waitCursor=True):
-                self.logic.saveScene(path)
+                self.logic.save_scene(path)
 
     # ---------------------------------------------------------------- review
     def onOpenWorklist(self):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not open the worklist.", waitCursor=True):
-            self._review = self.logic.openReview(p.worklist, p.reviewDatabase, p.reviewer)
-            self._showCase()
+            self.ui.caseLabel.text = self.logic.open_review(p.worklist, p.reviewDatabase, p.reviewer)
+        self._showCase()
 
     def onStep(self, where):
-        if self._review is None:
+        if self.logic.review is None:
             return
-        with slicer.util.tryWithErrorDisplay("Could not open the case.", waitCursor=True):
-            getattr(self._review, where)()
+        with slicer.util.tryWithErrorDisplay("Could not move in the worklist.", waitCursor=True):
+            message = self.logic.step_review(where)
+        if message:  # at an end of the worklist: stay on this case, and say so
+            self.ui.caseLabel.text = f"{self.logic.case_text()}\n{message}"
+        else:
             self._showCase()
 
     def _showCase(self):
-        case = self._review.current
-        folders = self.logic.caseFolders(case)
-        p = self._parameterNode
-        p.baselineFolder, p.followupFolder = Path(folders[0]), Path(folders[1])
-        self.ui.caseLabel.text = self.logic.caseText(self._review)
+        self.ui.caseLabel.text = self.logic.case_text()
         self.ui.measurementLabel.text = ""
-        self.onLoadStudies()
+        if not self.logic.ensurePackages():
+            return
+        with slicer.util.tryWithErrorDisplay("Could not open the case.", waitCursor=True):
+            self._showBackground(self.logic.load_review_case(self._parameterNode))
 
     def onMeasure(self):
-        if self._review is None:
+        if self.logic.review is None:
             return
         with slicer.util.tryWithErrorDisplay("Could not measure the lesions.", waitCursor=True):
-            self.ui.measurementLabel.text = self.logic.measureCase(
-                self._review.current, self._parameterNode,
-                onChange=lambda html: setattr(self.ui.measurementLabel, "text", html))
+            self.ui.measurementLabel.text = self.logic.measure_case(
+                on_change=lambda html: setattr(self.ui.measurementLabel, "text", html))
 
     def onSaveVerdict(self, agree):
-        if self._review is None:
+        if self.logic.review is None:
             return
         with slicer.util.tryWithErrorDisplay("Could not save the verdict.", waitCursor=True):
-            self.logic.saveVerdict(self._review, self._parameterNode, agree=agree,
-                                   label=self.ui.verdictComboBox.currentText,
-                                   confidence=int(self.ui.confidenceSlider.value),
-                                   note=self.ui.noteEdit.toPlainText())
+            self.ui.caseLabel.text = self.logic.save_verdict(
+                agree=agree, label=self.ui.verdictComboBox.currentText,
+                confidence=int(self.ui.confidenceSlider.value), note=self.ui.noteEdit.toPlainText())
             self.ui.noteEdit.setPlainText("")
-            self.ui.caseLabel.text = self.logic.caseText(self._review)
 
     def onExportVerdicts(self):
-        import qt
-
         path = qt.QFileDialog.getSaveFileName(None, "Export verdicts as training labels", "", "CSV (*.csv)")
         if path:
             with slicer.util.tryWithErrorDisplay("Could not export the verdicts.", waitCursor=True):
-                self.logic.exportVerdicts(self._parameterNode.reviewDatabase, path)
+                self.logic.export_verdicts(self._parameterNode.reviewDatabase, path)
 
     def onReport(self):
-        import qt
-
         path = qt.QFileDialog.getSaveFileName(None, "Case report", "", "PDF (*.pdf)")
         if path:
             with slicer.util.tryWithErrorDisplay("Could not write the report.", waitCursor=True):
-                self.logic.writeReport(self._parameterNode, path, self._review)
+                self.logic.write_report(self._parameterNode, path)
 
 
-class RANOResponseLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side entry points; each is a call into RANOResponseLib with the current scene."""
+class RANOResponseLogic(ScriptedLoadableModuleLogic, PanelLogic):
+    """RANOResponseLib's PanelLogic on ``slicer.mrmlScene``, plus what needs the Slicer application."""
 
     def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.lastJob = None
-        self.lastNodes = None
-        self.lastAssessment = None
-        self._stopObserving = None
-        self._modalities = (None, MODALITIES)
+        ScriptedLoadableModuleLogic.__init__(self)  # (which may call PanelLogic.__init__ with no scene)
+        PanelLogic.__init__(self, slicer.mrmlScene, python=slicer_python())
 
     def getParameterNode(self):
         return RANOResponseParameterNode(super().getParameterNode())
 
-    def requiredModalities(self, bundle_path=None) -> tuple[str, ...]:
-        """The bundle's modalities; asked on every parameter change (slider drags included), so
-        bundle.json is read again only when the path or the file's modification time changes."""
-        try:  # before the packages are installed, or with a bad bundle path: Apply reports it
-            from RANOResponseLib.model.bundle import default_bundle_path, read_bundle
-
-            path = Path(bundle_path) if bundle_path and str(bundle_path) not in ("", ".") else default_bundle_path()
-            meta = path if path.is_file() else path / "bundle.json"  # read_bundle takes either
-            key = (str(path), meta.stat().st_mtime_ns)
-            if self._modalities[0] != key:
-                self._modalities = (key, tuple(read_bundle(path).spec.modalities))
-        except Exception:
-            return MODALITIES
-        return self._modalities[1]
-
     @staticmethod
-    def chooseDevice(requested):
-        from RANOResponseLib.model.device import choose_device
+    def ensurePackages(dependencies=None) -> bool:
+        """Check the runtime's packages against their ranges; after asking, install what is missing or
+        incompatible (torch through the PyTorch extension, the rest with pip)."""
+        from RANOResponseLib.mrml.dependencies import RUNTIME, ensure
 
-        return choose_device(requested or "auto")
-
-    def loadStudy(self, folder, role):
-        from RANOResponseLib.mrml.scene import load_study_nodes
-
-        return load_study_nodes(slicer.mrmlScene, Path(folder), MODALITIES, role)
-
-    def fitRoi(self, p):
-        from RANOResponseLib.model.bundle import read_bundle
-        from RANOResponseLib.mrml.scene import fit_roi
-
-        bundle = read_bundle(p.bundle if p.bundle and str(p.bundle) not in ("", ".") else None)
-        reference = getattr(p, f"baseline{bundle.spec.reference_modality}")
-        return fit_roi(slicer.mrmlScene, reference, bundle.spec, "RANO crop region")
-
-    @staticmethod
-    def ensurePackages() -> bool:
-        """Install what the core needs after asking: torch through PyTorchUtils, the rest with pip."""
-        from RANOResponseLib.mrml.dependencies import missing_packages, torch_missing
-
-        if torch_missing():
-            if not slicer.util.confirmOkCancelDisplay(
-                    "RANO Response needs PyTorch. Install it now (PyTorch extension)? This may take minutes."):
-                return False
+        def installTorch():
             try:
                 import PyTorchUtils
             except ImportError:
                 slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager first.")
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                return False
-        missing = missing_packages()
-        if missing:
-            if not slicer.util.confirmOkCancelDisplay(
-                    "RANO Response needs these Python packages:\n  " + "\n  ".join(missing) + "\nInstall them now?"):
-                return False
-            slicer.util.pip_install(missing)
-        return True
+            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
 
-    def startPrediction(self, p, device):
-        from RANOResponseLib.mrml.process import slicer_python
-        from RANOResponseLib.mrml.runner import PredictRequest, start_predict
-
-        modalities = self.requiredModalities(p.bundle)
-        request = PredictRequest(
-            baseline={m: getattr(p, f"baseline{m}") for m in MODALITIES},
-            followup={m: getattr(p, f"followup{m}") for m in MODALITIES},
-            modalities=modalities,
-            bundle=p.bundle if p.bundle and str(p.bundle) not in ("", ".") else None,
-            device=device, roi=p.roi)
-        self.lastJob = start_predict(request, python=slicer_python())
-        return self.lastJob
-
-    @staticmethod
-    def cancel(job):
-        from RANOResponseLib.mrml.runner import discard
-
-        discard(job)
-
-    def finishPrediction(self, p, job) -> dict:
-        from RANOResponseLib.mrml.runner import finish_predict
-
-        nodes = finish_predict(slicer.mrmlScene, job)
-        self.lastNodes = nodes
-        scene = slicer.mrmlScene
-        p.transform = scene.GetNodeByID(nodes.transform)
-        p.gradcam = scene.GetNodeByID(nodes.gradcam) if nodes.gradcam else None
-        p.saliency = scene.GetNodeByID(nodes.saliency) if nodes.saliency else None
-        p.table = scene.GetNodeByID(nodes.table)
-        if nodes.roi and p.roi is None:
-            p.roi = scene.GetNodeByID(nodes.roi)
-        self.showMap(p)
-        return nodes.summary
-
-    @staticmethod
-    def showMap(p):
-        from RANOResponseLib.mrml.scene import show_overlay
-
-        fg = p.gradcam if p.mapName == "Grad-CAM" else p.saliency
-        bg = p.baselineCT1 or p.baselineT1
-        if bg is not None and fg is not None:
-            show_overlay(slicer.mrmlScene, bg, fg, opacity=p.opacity)
-
-    @staticmethod
-    def resultHtml(summary: dict) -> str:
-        rows = "".join(
-            f"<tr><td>{c}</td><td align='right'>{v:.2f}</td><td align='right'>± {summary.get('ensemble_spread', {}).get(c, 0):.2f}</td></tr>"
-            for c, v in summary["probabilities"].items())
-        return (f"<b>Predicted: {summary['label']}</b> &nbsp; (model {summary['bundle']['id']})"
-                f"<table>{rows}</table><i>Research use only, not for clinical use.</i>")
-
-    @staticmethod
-    def saveScene(path):
-        from RANOResponseLib.mrml.scene import write_scene
-
-        write_scene(slicer.mrmlScene, Path(path))
-
-    # review panel: RANOResponseLib.review / measurement_scene / rano_rules / report
-    @staticmethod
-    def openReview(worklist, database, reviewer):
-        from RANOResponseLib.review.store import open_session
-
-        return open_session(Path(worklist), Path(database), reviewer)
-
-    @staticmethod
-    def caseFolders(case):
-        return case.baseline, case.followup
-
-    @staticmethod
-    def caseText(session) -> str:
-        from RANOResponseLib.review.store import session_text
-
-        return session_text(session)
-
-    def _jobFor(self, case):
-        """The last prediction if it was made on this case's two folders."""
-        job = self.lastJob
-        if job and self.lastNodes and {str(Path(v).resolve()) for v in job.inputs.values()} == {
-                str(Path(case.baseline).resolve()), str(Path(case.followup).resolve())}:
-            return job
-        return None
-
-    def measureCase(self, case, p, onChange=None):
-        """Measure, draw the diameters, apply RANO; ``onChange(html)`` is called when a line moves."""
-        from RANOResponseLib.mrml.measurement_scene import (
-            assess_case,
-            assessment_html,
-            observe_lines,
-            reassess,
-        )
-
-        if getattr(self, "_stopObserving", None):
-            self._stopObserving()
-        job = self._jobFor(case)
-        tfm = job.out / "followup_to_baseline.tfm" if job else None
-        self.lastAssessment = assess_case(
-            slicer.mrmlScene, case.baseline, case.followup, transform=tfm,
-            followup_transform_node_id=p.transform.GetID() if (job and p.transform) else None,
-            prediction=self.lastNodes.summary if job else None)
-
-        def moved():
-            self.lastAssessment = reassess(slicer.mrmlScene, self.lastAssessment)
-            if onChange:
-                onChange(assessment_html(self.lastAssessment))
-
-        self._stopObserving = observe_lines(self.lastAssessment.lines, moved)
-        return assessment_html(self.lastAssessment)
-
-    def saveVerdict(self, session, p, agree, label, confidence, note):
-        job = self._jobFor(session.current)
-        assessment = getattr(self, "lastAssessment", None)
-        session.save(label=None if agree else label, confidence=confidence, note=note,
-                     prediction=self.lastNodes.summary if job else None,
-                     rule=assessment.rule if assessment else None)
-
-    @staticmethod
-    def exportVerdicts(database, path):
-        from RANOResponseLib.review.store import ReviewStore
-
-        with ReviewStore(Path(database), create=False) as store:
-            store.export_csv(Path(path))
-
-    def writeReport(self, p, path, session):
-        import tempfile
-
-        from RANOResponseLib.rano.rules import write_assessment
-        from RANOResponseLib.review.report import write_report
-
-        job = self._jobFor(session.current) if session else self.lastJob
-        if job is None:
-            raise ValueError("Run Apply on this case first: the report is built from its prediction.")
-        measurements = None
-        assessment = getattr(self, "lastAssessment", None)
-        if assessment is not None:
-            measurements = Path(tempfile.mkdtemp(prefix="RANOResponse-report-")) / "measurements.json"
-            write_assessment(measurements, assessment.pair, assessment.rule, assessment.comparison)
-        write_report(job.out, Path(path), measurements=measurements,
-                     db=p.reviewDatabase if session else None,
-                     case_id=session.current.case_id if session else None)
+        return ensure(confirm=slicer.util.confirmOkCancelDisplay, pip_install=slicer.util.pip_install,
+                      install_torch=installTorch, warn=slicer.util.warningDisplay,
+                      dependencies=RUNTIME if dependencies is None else dependencies)
 
 
 class RANOResponseTest(ScriptedLoadableModuleTest):
-    """Runs the module logic in Slicer on a generated phantom pair (no data download)."""
+    """Runs the module logic in Slicer on the shipped sample case pair (nothing generated or downloaded)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_phantom_pair_end_to_end()
-        self.setUp()
-        self.test_cancel_leaves_scene_clean()
+        for test in (self.test_sample_pair_end_to_end, self.test_cancel_leaves_scene_clean):
+            self.setUp()
+            test()
 
-    def _phantom(self):
-        import tempfile
+    def _sample(self):
+        from RANOResponseLib.datasets.samples import sample_case
 
-        from RANOResponseLib.demo import demo_case
-
-        root = Path(tempfile.mkdtemp(prefix="RANOResponseTest-"))
-        baseline, followup, _ = demo_case(root / "phantom", spacing=3.0)
+        self.assertTrue(RANOResponseLogic.ensurePackages(), "the runtime's Python packages are not usable")
+        sample = sample_case()
         logic = RANOResponseLogic()
         p = logic.getParameterNode()
-        for role, folder in (("baseline", baseline), ("followup", followup)):
-            for modality, node in logic.loadStudy(folder, role).items():
-                setattr(p, f"{role}{modality}", node)
-        return logic, p
+        p.baselineFolder, p.followupFolder = sample.baseline, sample.followup
+        logic.load_studies(p)
+        return sample, logic, p
 
-    def test_phantom_pair_end_to_end(self):
-        self.delayDisplay("Predicting on a phantom pair")
-        logic, p = self._phantom()
-        job = logic.startPrediction(p, "cpu")
-        summary = logic.finishPrediction(p, job)
+    def test_sample_pair_end_to_end(self):
+        self.delayDisplay("Predicting on the shipped sample pair")
+        sample, logic, p = self._sample()
+        job, _ = logic.start_prediction(p, "cpu")
+        summary = logic.finish_prediction(p, job)
         self.assertAlmostEqual(sum(summary["probabilities"].values()), 1.0, places=4)
         self.assertIn(summary["label"], summary["probabilities"])
-        self.assertIsNotNone(p.transform)
         self.assertEqual(p.followupCT1.GetTransformNodeID(), p.transform.GetID())
         self.assertIsNotNone(p.gradcam)
         self.assertGreater(p.table.GetNumberOfRows(), 0)
+        self.assertFalse(job.workdir.exists())
+        volumes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+        logic.load_studies(p)  # the same case again: the same nodes, nothing added
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), volumes)
         self.delayDisplay("Test passed")
 
     def test_cancel_leaves_scene_clean(self):
-        logic, p = self._phantom()
+        _, logic, p = self._sample()
         before = slicer.mrmlScene.GetNumberOfNodes()
-        job = logic.startPrediction(p, "cpu")
+        job, _ = logic.start_prediction(p, "cpu")
+        self.assertTrue(job.run.running)
         logic.cancel(job)
         self.assertFalse(job.run.running)
         self.assertFalse(job.workdir.exists())

@@ -9,12 +9,16 @@ Everything here is small on purpose (the whole suite runs on 2 CPU cores in a fe
 * ``tiny_bundle`` / ``tiny_models``: a compact DenseNet bundle with random weights on a 32^3,
   6 mm model grid, written with :func:`RANOResponseLib.bundle.write_bundle`.
 * ``prepared``: the phantom pair registered and resampled onto the tiny bundle's grid.
+* ``fine_cohort``: a 4-patient phantom at 1.5 mm, with its plan (the lesion geometry the generator
+  intended), so measurements and labels can be checked against geometry instead of against the
+  measuring code (:func:`planned_diameters`, :func:`planned_lesions`).
 
 Session fixtures are shared between tests: tests must never modify what they return (copy first).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -25,13 +29,22 @@ from typing import Callable
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
 from RANOResponseLib.core.names import CLASS_NAMES, MODALITIES
 from RANOResponseLib.imaging.io import Study, read_study
 from RANOResponseLib.imaging.preprocessing import InputSpec, default_channels
-from RANOResponseLib.phantom.generator import template_dir
+from RANOResponseLib.phantom.generator import (
+    LesionShape,
+    PatientPlan,
+    PhantomConfig,
+    PlannedTimepoint,
+    generate_cohort,
+    plan_cohort,
+    template_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,6 +250,100 @@ def case_pair(tmp_path_factory) -> CasePair:
 
     baseline, followup, _ = demo_case(tmp_path_factory.mktemp("cohort"), seed=7, spacing=4.0)
     return CasePair(baseline, followup)
+
+
+# ------------------------------------------------------------------- phantom plan (geometry)
+
+# The fine cohort: 1.5 mm voxels, so a voxel is small against the lesions (>= ~15 mm), no quirks.
+FINE_COHORT = PhantomConfig(patients=4, seed=1, spacing=1.5, min_followups=3, max_followups=3, quirks=False)
+# How far a measured diameter may lie from the planned one, in voxels: one for the pixel
+# footprint and the voxelisation of the boundary, one for the slice and the direction of d1 that
+# a voxel grid allows (the planned diameters are those of the lesion's central axial plane).
+DIAMETER_TOLERANCE_VOXELS = 2.0
+
+
+@dataclass
+class FineCohort:
+    root: Path
+    config: PhantomConfig
+    truth: pd.DataFrame
+    plans: list[PatientPlan]
+
+
+@pytest.fixture(scope="session")
+def fine_cohort(tmp_path_factory) -> FineCohort:
+    root = tmp_path_factory.mktemp("fine-cohort")
+    truth = generate_cohort(root, FINE_COHORT)
+    return FineCohort(root, FINE_COHORT, truth, plan_cohort(FINE_COHORT))
+
+
+def planned_diameters(shape: LesionShape, size_mm: float, n: int = 720) -> tuple[float, float]:
+    """The RANO diameters of a planned lesion, from its geometry alone (no voxels, no measuring code).
+
+    The lesion is ``{p : shape.radius(p) < size}`` around its centre; ``radius`` is homogeneous of
+    degree 1 along rays from the centre, so in the central axial plane the boundary in direction
+    ``u`` lies at ``size / radius(u)``. ``d1`` is the longest chord between ``n`` boundary points,
+    ``d2`` the extent of the boundary perpendicular to it.
+    """
+    phi = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
+    dy, dx = np.sin(phi), np.cos(phi)
+    r = shape.radius(np.zeros(n, np.float32), dy.astype(np.float32), dx.astype(np.float32)).astype(float)
+    pts = np.column_stack([dx, dy]) * (size_mm / r)[:, None]
+    dist = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    axis = (pts[j] - pts[i]) / dist[i, j]
+    across = pts @ np.array([-axis[1], axis[0]])
+    return float(dist[i, j]), float(across.max() - across.min())
+
+
+def planned_lesions(plan: PatientPlan, tp: PlannedTimepoint) -> list[tuple[LesionShape, float, float]]:
+    """``(shape, d1, d2)`` of every lesion the plan draws with an enhancing rim at ``tp``."""
+    return [(plan.shapes[s.shape], *planned_diameters(plan.shapes[s.shape], s.size_mm))
+            for s in tp.lesions if s.active]
+
+
+# RANO (Wen et al. 2010) as the phantom's labels must follow it, written out here on purpose (the
+# truth of these tests does not come from RANOResponseLib.rano.rules): sum of the products of
+# the perpendicular diameters (SPD) of the measurable enhancing lesions, against the previous scan.
+RANO_PD_RATIO = 1.25  # SPD up by 25 % or more: progression
+RANO_PR_RATIO = 0.50  # SPD down by 50 % or more: partial response
+RANO_MIN_DIAMETER_MM = 10.0  # measurable: both diameters at least 10 mm
+
+
+def rano_classes(before: tuple[float, float], after: tuple[float, float], enhancing_left: bool,
+                 new_measurable: bool) -> set[str]:
+    """Every RANO class that SPDs anywhere in ``before`` = (low, high) and ``after`` allow.
+
+    A new measurable lesion is PD; no enhancing lesion at all (measurable or not) is CR; measurable
+    disease where there was none is PD; otherwise the SPD ratio decides: >= 1.25 PD, <= 0.5 PR,
+    SD between.
+    """
+    if new_measurable:
+        return {"PD"}
+    if not enhancing_left:
+        return {"CR"}
+    if before[1] == 0:
+        return {"PD"} if after[0] > 0 else {"SD"}
+    low, high = after[0] / before[1], after[1] / before[0]
+    classes = set()
+    if high >= RANO_PD_RATIO:
+        classes.add("PD")
+    if low <= RANO_PR_RATIO:
+        classes.add("PR")
+    if low < RANO_PD_RATIO and high > RANO_PR_RATIO:
+        classes.add("SD")
+    return classes
+
+
+def planned_spd(lesions: list[tuple[LesionShape, float, float]], tol_mm: float) -> tuple[float, float]:
+    """(lowest, highest) SPD that diameters within ``tol_mm`` of the planned ones give."""
+    return (sum((d1 - tol_mm) * (d2 - tol_mm) for _, d1, d2 in lesions),
+            sum((d1 + tol_mm) * (d2 + tol_mm) for _, d1, d2 in lesions))
+
+
+def cohort_plan(root: Path) -> list[PatientPlan]:
+    """The plan of a cohort on disk, from the recipe (``phantom.json``) the generator wrote."""
+    return plan_cohort(PhantomConfig(**json.loads((root / "phantom.json").read_text())["config"]))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from captum import attr as captum_attr
 from RANOResponseLib.inference.attributions import Prediction, capture_activation, predict, predict_with_maps
 from torch import nn
 
@@ -90,7 +91,6 @@ def test_explicit_target(tiny_models, x):
 def test_same_maps_as_captum(tiny_models, x):
     """Saliency = Captum Saliency(abs) reduced by max over channels; Grad-CAM = Captum LayerGradCam
     (relu_attributions) upsampled trilinearly; both compared after scaling to [0, 1]."""
-    captum_attr = pytest.importorskip("captum.attr")
     bundle, models = tiny_models
     model = models[0]
     pred = predict_with_maps(models, x, bundle.gradcam_layer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_state_dicts
+from monai.networks.nets import DenseNet
 from RANOResponseLib.core.errors import DeviceError, RANOInputError
 from RANOResponseLib.model.device import choose_device, gpu_choices, resolve_device
 from RANOResponseLib.model.networks import (
@@ -21,14 +22,6 @@ from RANOResponseLib.model.networks import (
 )
 
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def monai_densenet():
-    pytest.importorskip("monai")
-    from monai.networks.nets import DenseNet
-
-    return DenseNet
 
 
 def _randomise_bn(net: torch.nn.Module, seed: int) -> None:
@@ -47,13 +40,13 @@ def _randomise_bn(net: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.mark.parametrize("preset", ["compact", "densenet121"])
-def test_same_state_dict_layout_as_monai(monai_densenet, preset):
+def test_same_state_dict_layout_as_monai(preset):
     """Same parameter and buffer names, in the same order, with the same shapes."""
     args = architecture_args(preset, 6, 4)
     native = build_network(preset, **args)
     monai = build_network(preset, backend="monai", **args)
     assert isinstance(native, DenseNet3D)
-    assert isinstance(monai, monai_densenet)
+    assert isinstance(monai, DenseNet)
     ns, ms = native.state_dict(), monai.state_dict()
     assert list(ns) == list(ms)
     assert {k: tuple(v.shape) for k, v in ns.items()} == {k: tuple(v.shape) for k, v in ms.items()}
@@ -61,14 +54,14 @@ def test_same_state_dict_layout_as_monai(monai_densenet, preset):
     assert GRADCAM_LAYERS[preset] in dict(monai.named_modules())
 
 
-def test_identical_outputs_both_directions(monai_densenet):
+def test_identical_outputs_both_directions():
     """Eval-mode outputs are identical for the same weights, whichever way the weights travel."""
     args = architecture_args("compact", 8, 4)
     x = torch.randn(2, 8, 32, 32, 32, generator=torch.Generator().manual_seed(0))
 
     native = build_network("compact", **args)
     _randomise_bn(native, 1)
-    monai = monai_densenet(**{**args, "block_config": tuple(args["block_config"])})
+    monai = DenseNet(**{**args, "block_config": tuple(args["block_config"])})
     monai.load_state_dict(native.state_dict(), strict=True)  # native -> MONAI
     native.eval(), monai.eval()
     with torch.no_grad():
@@ -87,12 +80,12 @@ def test_identical_outputs_both_directions(monai_densenet):
     assert not torch.allclose(a, c)  # two different networks really were compared
 
 
-def test_bundle_weights_run_in_monai(monai_densenet, tiny_models):
+def test_bundle_weights_run_in_monai(tiny_models):
     """A bundle's recorded architecture args rebuild it in MONAI (bundle.json promise)."""
     bundle, models = tiny_models
     args = dict(bundle.architecture["args"])
     args["block_config"] = tuple(args["block_config"])
-    monai = monai_densenet(**args)
+    monai = DenseNet(**args)
     monai.load_state_dict(models[0].state_dict(), strict=True)
     monai.eval()
     x = torch.randn(1, bundle.in_channels, *reversed(bundle.spec.size), generator=torch.Generator().manual_seed(3))

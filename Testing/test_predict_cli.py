@@ -20,7 +20,9 @@ import torch
 from conftest import BAD_KINDS, cli_command, cli_env, modality_file, png_size
 from RANOResponseCLI import main as cli_main
 from RANOResponseLib.core.names import CLASS_NAMES
-from RANOResponseLib.inference.pipeline import run_predict
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.inference.pipeline import read_prediction, run_predict
+from RANOResponseLib.model.device import NEEDED_GIB
 from RANOResponseLib.mrml.outputs import output_writers
 
 CUDA = torch.cuda.is_available()
@@ -84,6 +86,27 @@ def test_prediction_json(predict_run, tiny_models):
     assert s["inputs"]["baseline"]["CT1"] == str(modality_file(predict_run.result.baseline.folder, "CT1"))
     assert "not for clinical use" in s["note"]
     np.testing.assert_allclose(list(probs.values()), predict_run.result.prediction.probabilities, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_read_prediction_reads_what_predict_wrote(predict_run, tmp_path):
+    """The one reader of prediction.json returns what the writer wrote (folder or file), and
+    refuses a missing, truncated or foreign file with one message naming it."""
+    on_disk = json.loads((predict_run.out / "prediction.json").read_text())
+    assert read_prediction(predict_run.out) == read_prediction(predict_run.out / "prediction.json") == on_disk
+    assert on_disk["label"] == predict_run.result.label
+    with pytest.raises(RANOInputError, match=r"empty[/\\]prediction.json: not found"):
+        read_prediction(tmp_path / "empty")
+    cut = tmp_path / "cut" / "prediction.json"
+    cut.parent.mkdir()
+    text = (predict_run.out / "prediction.json").read_text()
+    cut.write_text(text[: len(text) // 2])
+    with pytest.raises(RANOInputError, match="not valid JSON") as e:
+        read_prediction(cut.parent)
+    assert str(cut) in str(e.value)
+    cut.write_text(json.dumps({"probabilities": on_disk["probabilities"]}))
+    with pytest.raises(RANOInputError, match="not a prediction"):
+        read_prediction(cut)
 
 
 @pytest.mark.slow
@@ -173,13 +196,21 @@ def test_cli_predict_auto_device(cli_run):
     proc = cli_run.proc
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
-    if not CUDA:
-        notices = [line for line in proc.stderr.splitlines() if line.startswith("notice:")]
-        assert len(notices) == 1 and "CPU" in notices[0]
     assert {p.name for p in cli_run.out.iterdir()} == ALL_OUTPUTS
     summary = json.loads((cli_run.out / "prediction.json").read_text())
     assert f"label: {summary['label']}" in proc.stdout.splitlines()
-    assert summary["device"] == ("cpu" if not CUDA else summary["device"])
+    # auto: the CPU, said in one notice, or a CUDA device that exists, silently; never a silent CPU
+    notices = [line for line in proc.stderr.splitlines() if line.startswith("notice:")]
+    if summary["device"] == "cpu":
+        assert len(notices) == 1 and "CPU" in notices[0], proc.stderr
+    else:
+        kind, _, index = summary["device"].partition(":")
+        assert CUDA and kind == "cuda" and int(index) < torch.cuda.device_count(), summary["device"]
+        assert notices == [], proc.stderr
+    if not CUDA:
+        assert summary["device"] == "cpu"
+    elif torch.cuda.mem_get_info(0)[0] > 2 * NEEDED_GIB * 2**30:  # a free GPU is used
+        assert summary["device"].startswith("cuda:")
     assert sum(summary["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert set(STAGES) <= set(summary["timings_s"])
     png_size(cli_run.out / "overlay.png")

@@ -5,6 +5,7 @@ These run the real ``rano-response predict`` in a child process, exactly as the 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -72,3 +73,65 @@ def test_cancel_kills_the_child_and_leaves_nothing(tmp_path, case_pair, tiny_bun
     assert run.cancelled
     assert not run_dir.exists() and not out.exists()
 
+
+
+# ------------------------------------------------------------------------------ core_command
+
+
+def _write_package(root: Path, name: str, files: dict[str, str]) -> None:
+    (root / name).mkdir(parents=True)
+    for file, text in {"__init__.py": "", **files}.items():
+        (root / name / file).write_text(text)
+
+
+def _bare_env() -> dict[str, str]:
+    """This environment without PYTHONPATH: the child finds packages only where the command says."""
+    env = cli_env()
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def test_core_command_puts_the_packages_own_folders_on_the_path():
+    import RANOResponseLib
+
+    cmd = core_command("/opt/PythonSlicer", "predict", "--help")
+    assert cmd[0] == "/opt/PythonSlicer" and cmd[-2:] == ["predict", "--help"]
+    assert repr([str(Path(RANOResponseLib.__file__).resolve().parents[1])]) in cmd[2]
+    assert "import_module('RANOResponseLib.cli').main()" in cmd[2]
+
+
+def test_core_command_runs_a_named_program_from_wherever_its_packages_are(tmp_path, monkeypatch):
+    """Two packages in two unrelated folders (an installed extension's layout is not a checkout's):
+    the child, started elsewhere with no PYTHONPATH, finds both because the command names them."""
+    _write_package(tmp_path / "ext", "toolpkg_xq", {"cli.py": (
+        "import sys\n"
+        "def main():\n"
+        "    from helperpkg_xq import answer\n"
+        "    print('args', sys.argv[1:], 'answer', answer)\n"
+        "    return 3\n")})
+    _write_package(tmp_path / "other", "helperpkg_xq", {"__init__.py": "answer = 42\n"})
+    monkeypatch.syspath_prepend(str(tmp_path / "ext"))
+    monkeypatch.syspath_prepend(str(tmp_path / "other"))
+    cmd = core_command(None, "a", "b", module="toolpkg_xq.cli", packages=("helperpkg_xq",))
+    out = subprocess.run(cmd, cwd=tmp_path, env=_bare_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.strip() == "args ['a', 'b'] answer 42"
+    without = subprocess.run(core_command(None, module="toolpkg_xq.cli"), cwd=tmp_path, env=_bare_env(),
+                             capture_output=True, text=True, timeout=60)
+    assert without.returncode == 1 and "No module named 'helperpkg_xq'" in without.stderr
+
+
+def test_core_command_names_a_package_it_cannot_find():
+    with pytest.raises(ImportError, match="package no_such_pkg_xq not found"):
+        core_command(None, "predict", module="no_such_pkg_xq.cli")
+
+
+def test_the_training_commands_run_through_the_program_above_both_libs():
+    """The training module starts ``train`` through RANOResponseCLI (the core's CLI has no train)."""
+    cmd = core_command(None, "train", "--help", module="RANOResponseCLI", packages=("ResponseTrainingLib",))
+    out = subprocess.run(cmd, env=_bare_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--progress-json" in out.stdout
+    core = subprocess.run(core_command(None, "train", "--help"), env=_bare_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert core.returncode == 2 and "invalid choice: 'train'" in core.stderr

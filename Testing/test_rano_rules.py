@@ -1,5 +1,7 @@
-"""Tests of the rule-based RANO decision (RANOResponseLib.rano_rules): one test per row of the
-decision table, for the bidimensional (RANO) and the volumetric (RANO 2.0) reading."""
+"""Tests of the rule-based RANO decision (RANOResponseLib.rano.rules): one test per row of the
+decision table, for the bidimensional (RANO) and the volumetric (RANO 2.0) reading, on the pure
+table (:func:`rano_decision`) and on measured lesions. Expected classes are RANO's (Wen et al.
+2010; RANO 2.0 2023), written here by hand."""
 
 from __future__ import annotations
 
@@ -10,14 +12,58 @@ import SimpleITK as sitk
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.rano.measurement import BINARY, measure_pair
 from RANOResponseLib.rano.rules import (
+    ROWS,
     RANOThresholds,
     RuleInputs,
     compare_with_prediction,
     decide,
     decide_inputs,
+    rano_decision,
     read_assessment,
     write_assessment,
 )
+
+
+# (before, after, enhancing lesion left, new measurable lesion) -> RANO category, deciding row
+DECISIONS = {
+    "+25 % exactly is PD": ((100.0, 125.0, True, False), "PD", "growth"),
+    "+24.9 % is SD": ((100.0, 124.9, True, False), "SD", "stable"),
+    "-50 % exactly is PR": ((100.0, 50.0, True, False), "PR", "shrinkage"),
+    "-49.9 % is SD": ((100.0, 50.1, True, False), "SD", "stable"),
+    "unchanged is SD": ((100.0, 100.0, True, False), "SD", "stable"),
+    "all enhancing disease gone is CR": ((100.0, 0.0, False, False), "CR", "no enhancing disease"),
+    "measurable gone, non-measurable enhancement left is PR, not CR": ((100.0, 0.0, True, False), "PR", "shrinkage"),
+    "nothing at either timepoint is CR": ((0.0, 0.0, False, False), "CR", "no enhancing disease"),
+    "non-measurable only, before and after, is SD": ((0.0, 0.0, True, False), "SD", "non-measurable only"),
+    "measurable disease where there was none is PD": ((0.0, 30.0, True, False), "PD", "measurable from none"),
+    "a new lesion wins over shrinkage": ((100.0, 40.0, True, True), "PD", "new lesion"),
+    "a new lesion when the old ones are gone": ((100.0, 150.0, True, True), "PD", "new lesion"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECISIONS))
+def test_rano_decision_rows(name):
+    args, category, row = DECISIONS[name]
+    d = rano_decision(*args)
+    assert (d.category, d.row) == (category, row)
+    assert d.row in ROWS
+    before, after = args[:2]
+    assert d.change_percent == (None if before == 0 else pytest.approx((after - before) / before * 100))
+
+
+def test_rano_decision_thresholds_and_bad_input():
+    # RANO 2.0 volumetric thresholds: +30 % is not yet PD, -60 % not yet PR
+    assert rano_decision(100.0, 130.0, True, False).category == "PD"
+    assert rano_decision(100.0, 130.0, True, False, pd_percent=40.0).category == "SD"
+    assert rano_decision(100.0, 40.0, True, False).category == "PR"
+    assert rano_decision(100.0, 40.0, True, False, pr_percent=-65.0).category == "SD"
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RANOInputError, match="finite non-negative"):
+            rano_decision(bad, 10.0, True, False)
+        with pytest.raises(RANOInputError, match="finite non-negative"):
+            rano_decision(10.0, bad, True, False)
+    with pytest.raises(RANOInputError, match="no enhancing disease"):
+        rano_decision(100.0, 20.0, False, False)  # measurable disease cannot be left without enhancement
 
 
 def inputs(spd=(400.0, 400.0), vol=(4.0, 4.0), n=(1, 1), new=(), new_small=(), lost=()) -> RuleInputs:
@@ -140,6 +186,9 @@ def test_compare_with_prediction(tmp_path):
     (tmp_path / "bad" / "prediction.json").write_text("{not json")
     with pytest.raises(RANOInputError, match="not valid JSON"):
         compare_with_prediction(sd, tmp_path / "bad")
+    (tmp_path / "bad" / "prediction.json").write_text(json.dumps({"label": "PD", "probabilities": {"PD": "high"}}))
+    with pytest.raises(RANOInputError, match="map class names to numbers"):
+        compare_with_prediction(sd, tmp_path / "bad" / "prediction.json")
 
 
 def test_assessment_file_round_trip(tmp_path):

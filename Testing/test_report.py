@@ -111,7 +111,7 @@ def test_cli_report_with_measurements(predicted, review_db, tmp_path, capsys):
     assert pdf_pages(out) == 2 and (tmp_path / "case-page1.png").is_file()
     assert str(out.absolute()) in capsys.readouterr().out
     assert cli_main(["report", "--prediction", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pdf")]) == 2
-    assert "prediction.json not found" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'nothing' / 'prediction.json'}: not found" in capsys.readouterr().err
     assert not (tmp_path / "x.pdf").exists()
 
 

@@ -5,18 +5,19 @@ Runs on the real MRML of slicer-core, with the real ``rano-response predict`` in
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import slicer
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.core.names import MODALITIES
+from RANOResponseLib.mrml.runner import PredictRequest, discard, finish_predict, start_predict, study_folder
+from RANOResponseLib.mrml.scene import load_study_nodes
 
-slicer = pytest.importorskip("slicer")
-
-from RANOResponseLib.core.errors import RANOInputError  # noqa: E402
-from RANOResponseLib.mrml.runner import PredictRequest, discard, finish_predict, start_predict, study_folder  # noqa: E402
-from RANOResponseLib.mrml.scene import load_study_nodes  # noqa: E402
-
-MODS = ("CT1", "T1", "T2", "FLAIR")
+MODS = MODALITIES
 
 
 @pytest.fixture
@@ -34,7 +35,6 @@ def test_unmodified_nodes_are_read_from_their_own_folder(tmp_path, case_pair, sc
 
 
 def test_edited_nodes_are_exported_with_their_edits(tmp_path, scene_with_studies):
-    import SimpleITK as sitk
     from RANOResponseLib.imaging.io import read_study
 
     _, base, _ = scene_with_studies
@@ -55,12 +55,19 @@ def test_missing_modality_is_named(tmp_path, scene_with_studies):
         study_folder(partial, MODS, "baseline", tmp_path)
 
 
-def test_apply_fills_the_scene(scene_with_studies, tiny_bundle):
+def test_apply_fills_the_scene_and_removes_its_work_folder(scene_with_studies, tiny_bundle):
     scene, base, fu = scene_with_studies
     request = PredictRequest(base, fu, MODS, bundle=tiny_bundle, device="cpu")
     job = start_predict(request)
-    nodes = finish_predict(scene, job)
+    assert "--no-scene" in job.run.command and "--no-pictures" in job.run.command
+    assert job.run.wait(240) == 0, job.run.lines
+    written = sorted(p.relative_to(job.out).as_posix() for p in job.out.rglob("*") if p.is_file())
+    # only what the scene reads: no .mrml, no pictures
+    assert written == ["followup_to_baseline.tfm", "gradcam.nii.gz", "prediction.json", "saliency.nii.gz"]
     summary = json.loads((job.out / "prediction.json").read_text())
+    cam_file = sitk.GetArrayFromImage(sitk.ReadImage(str(job.out / "gradcam.nii.gz")))
+    nodes = finish_predict(scene, job)
+    assert not job.workdir.exists()
     assert nodes.summary["label"] == summary["label"]
     transform = scene.GetNodeByID(nodes.transform)
     assert transform is not None and transform.IsA("vtkMRMLLinearTransformNode")
@@ -71,10 +78,21 @@ def test_apply_fills_the_scene(scene_with_studies, tiny_bundle):
     gradcam = scene.GetNodeByID(nodes.gradcam)
     assert np.allclose(slicer.util.arrayFromVolume(gradcam).shape,
                        slicer.util.arrayFromVolume(base["CT1"]).shape)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(gradcam), cam_file, atol=1e-6)  # held in memory
+    # the nodes that came from the deleted folder no longer refer to it
+    assert transform.GetStorageNode() is None and gradcam.GetStorageNode() is None
     table = scene.GetNodeByID(nodes.table)
     assert table.GetNumberOfRows() >= 4
     # no second copy of the studies: the request's nodes were reused
     assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 8 + 2
+
+
+def test_a_failed_run_removes_its_work_folder_too(scene_with_studies, tmp_path):
+    scene, base, fu = scene_with_studies
+    job = start_predict(PredictRequest(base, fu, MODS, bundle=tmp_path / "no-bundle", device="cpu"))
+    with pytest.raises(RANOInputError, match="prediction failed: .*no-bundle"):
+        finish_predict(scene, job)
+    assert not job.workdir.exists()
 
 
 def test_cancel_leaves_the_scene_and_disk_clean(scene_with_studies, tiny_bundle):
@@ -82,9 +100,17 @@ def test_cancel_leaves_the_scene_and_disk_clean(scene_with_studies, tiny_bundle)
     before = scene.GetNumberOfNodes()
     job = start_predict(PredictRequest(base, fu, MODS, bundle=tiny_bundle, device="cpu"))
     deadline = time.monotonic() + 60
-    while job.run.running and not job.run.poll() and time.monotonic() < deadline:
+    events = []
+    while job.run.running and not events and time.monotonic() < deadline:
+        events = job.run.poll()  # the first progress line: the child is mid-run
         time.sleep(0.02)
+    assert events and job.run.running, "the child was not running when cancel was pressed"
+    pid = job.run.pid
+    os.kill(pid, 0)  # alive (raises ProcessLookupError otherwise)
+    assert job.workdir.exists()
     discard(job)
-    assert not job.run.running and job.run.cancelled
+    assert not job.run.running and job.run.cancelled and job.run.returncode != 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
     assert not job.workdir.exists()
     assert scene.GetNumberOfNodes() == before

@@ -19,15 +19,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-slicer = pytest.importorskip("slicer")
-from conftest import modality_file  # noqa: E402
-from RANOResponseLib.core.errors import RANOInputError  # noqa: E402
-from RANOResponseLib.core.names import MODALITIES  # noqa: E402
+import slicer  # slicer-core: real MRML without the application (a main dependency: no skip)
+from conftest import modality_file
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.core.names import MODALITIES
 from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, model_grid, ras_to_lps
-from RANOResponseLib.imaging.io import Study, read_image, read_study  # noqa: E402
+from RANOResponseLib.imaging.io import Study, read_image, read_study
 from RANOResponseLib.imaging.preprocessing import InputSpec, default_channels, prepare_pair
-from RANOResponseLib.inference.pipeline import SCENE_FILE, run_predict  # noqa: E402
+from RANOResponseLib.inference.pipeline import SCENE_FILE, run_predict
 from RANOResponseLib.mrml.outputs import output_writers
 from RANOResponseLib.mrml.scene import (
     MAP_THRESHOLD,
@@ -51,7 +50,7 @@ from RANOResponseLib.mrml.scene import (
     transform_to_ras_matrix,
     write_scene,
 )
-from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 # ------------------------------------------------------------------------------------ helpers
 

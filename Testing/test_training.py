@@ -10,10 +10,14 @@ import contextlib
 import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,10 @@ from RANOResponseLib.datasets.lumiere import (
 )
 from RANOResponseLib.model.bundle import read_bundle
 from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
-from ResponseTrainingLib.training.cv import TrainConfig, class_weights, folds_table, make_folds, train
+from ResponseTrainingLib.cli import build_parser, config_from_args
+from ResponseTrainingLib.training.config import TrainConfig
+from ResponseTrainingLib.training.cv import train
+from ResponseTrainingLib.training.folds import class_weights, folds_table, make_folds
 
 MODS = ("CT1", "T1", "T2", "FLAIR")
 TINY = dict(size=(32, 32, 32), spacing=(6.0, 6.0, 6.0), batch_size=4, seed=5, device="cpu")
@@ -214,10 +221,13 @@ def test_class_weight_grid():
 def cv_run(cohort, cache, tmp_path_factory) -> tuple[Path, str]:
     """A 3-fold, 2-epoch run with clinical features and all hybrid classifiers."""
     out = tmp_path_factory.mktemp("runs") / "cv"
-    cfg = TrainConfig(data=cohort, out=out, cache=cache, folds=3, epochs=2, clinical=True,
-                      hybrid=("knn", "logreg", "rf", "svc"), progress_json=True, bundle_id="tiny-cv", **TINY)
-    _, stdout = _silent(train, cfg)
+    _, stdout = _silent(train, _cv_config(cohort, out, cache))
     return out, stdout
+
+
+def _cv_config(cohort: Path, out: Path, cache: Path) -> TrainConfig:
+    return TrainConfig(data=cohort, out=out, cache=cache, folds=3, epochs=2, clinical=True,
+                       hybrid=("knn", "logreg", "rf", "svc"), progress_json=True, bundle_id="tiny-cv", **TINY)
 
 
 def test_cv_run_writes_tables_plots_and_summary(cv_run):
@@ -259,30 +269,35 @@ def test_cv_run_writes_tables_plots_and_summary(cv_run):
 
 def test_hybrid_classifiers_fit_inside_folds(cv_run):
     """Each hybrid model is fitted on its fold's validation pairs only and scored on the test fold:
-    refitting by hand from the fold's files gives the same test probabilities."""
+    refitting by hand from the fold's files gives the same test probabilities. A fold whose
+    validation pairs hold one class only cannot fit one: its test probabilities are left empty."""
     from ResponseTrainingLib.training.hybrid import fit_predict
 
     out, _ = cv_run
     clinical = pd.read_csv(out / "clinical.csv").set_index("pair")
     hyb = pd.read_csv(out / "hybrid_predictions.csv")
     pcols = [f"p_{c}" for c in CLASS_NAMES]
+    refitted = 0
     for k in range(3):
         fp = pd.read_csv(out / "folds" / f"fold-{k}" / "predictions.csv")
         assert set(fp["role"]) == {"val", "test"}  # the CNN's own training pairs are not used (fit on val)
         x = np.hstack([fp[pcols].to_numpy(), clinical.loc[fp["pair"]].to_numpy()])
         fit, test = (fp.role == "val").to_numpy(), (fp.role == "test").to_numpy()
         y = fp["label"].to_numpy()
+        theirs = hyb[(hyb.model == "hybrid-logreg") & (hyb.fold == k)].set_index("pair").loc[fp["pair"][test]]
         if len(set(y[fit])) < 2:
+            assert theirs[pcols].isna().all().all(), f"fold {k}: a one-class fit must leave no probabilities"
             continue
         mine = fit_predict("logreg", x[fit], y[fit], x[test], 4, seed=5 + k)
-        theirs = hyb[(hyb.model == "hybrid-logreg") & (hyb.fold == k)].set_index("pair").loc[fp["pair"][test]]
         np.testing.assert_allclose(theirs[pcols].to_numpy(), mine, atol=1e-9)
+        refitted += 1
+    assert refitted >= 1, "no fold had two classes among its validation pairs: nothing was checked"
     summary = json.loads((out / "summary.json").read_text())
     for name in ("hybrid-knn", "hybrid-logreg", "hybrid-rf", "hybrid-svc"):
         assert summary["cv"][name]["folds"] == 3 and "median" in summary["cv"][name]
 
 
-def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, case_pair, tmp_path):
+def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, cohort, case_pair, tmp_path):
     from RANOResponseCLI import main as cli_main
     from RANOResponseLib.inference.pipeline import predict_pair
 
@@ -298,14 +313,47 @@ def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, case_pair, tmp_path
     assert np.isclose(sum(r.probabilities.values()), 1, atol=1e-5) and r.maps["gradcam"].GetSize()
     ev = tmp_path / "eval"  # `rano-response evaluate` on the ensemble
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert cli_main(["evaluate", "--bundle", str(out / "bundle"), "--data", str(_cohort_of(out)),
+        assert cli_main(["evaluate", "--bundle", str(out / "bundle"), "--data", str(cohort),
                          "--out", str(ev), "--device", "cpu"]) == 0
     m = json.loads((ev / "metrics.json").read_text())
     assert m["n"] == len(pd.read_csv(out / "folds.csv"))
 
 
-def _cohort_of(run: Path) -> Path:
-    return Path(json.loads((run / "summary.json").read_text())["provenance"]["data"])
+def _absolute_paths(text: str) -> list[str]:
+    """The words of ``text`` that are absolute paths (POSIX, or Windows with a drive letter)."""
+    words = re.split(r"[\s`'\"=,;()\[\]{}|]+", text)
+    return [w for w in words if w.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", w)]
+
+
+def test_bundle_names_no_path_of_this_machine(cv_run, cohort, cache):
+    """bundle.json and MODEL_CARD.md travel with the model: the data set is named by its folder's
+    name and the phantom recipe, the command's paths by their names; no path of this machine."""
+    out, _ = cv_run
+    texts = {name: (out / "bundle" / name).read_text(encoding="utf-8") for name in ("bundle.json", "MODEL_CARD.md")}
+    for name, text in texts.items():
+        for here in (cohort, out, cache, REPO, Path.home(), Path(tempfile.gettempdir())):
+            assert str(here) not in text, f"{name} names {here}"
+        assert _absolute_paths(text) == [], name
+    training = json.loads(texts["bundle.json"])["training"]
+    assert training["data"] == cohort.name
+    assert training["data_source"]["command"] == json.loads((cohort / "phantom.json").read_text())["command"]
+    assert f"data `{cohort.name}`, generated with `rano-response phantom " in texts["MODEL_CARD.md"]
+    argv = shlex.split(training["command"])  # the run's command: parsed, the same settings
+    assert argv[:2] == ["rano-response", "train"]
+    parsed = config_from_args(build_parser().parse_args(argv[2:]))
+    assert (parsed.data, parsed.out, parsed.cache) == (Path(cohort.name), Path(out.name), Path(cache.name))
+    assert replace(parsed, data=cohort, out=out, cache=cache) == _cv_config(cohort, out, cache)
+
+
+def test_shipped_bundle_names_no_path_of_the_machine_that_trained_it():
+    from RANOResponseLib.model.bundle import default_bundle_path
+
+    bundle = default_bundle_path()
+    for name in ("bundle.json", "MODEL_CARD.md"):
+        assert _absolute_paths((bundle / name).read_text(encoding="utf-8")) == [], name
+    training = read_bundle(bundle).meta["training"]
+    assert training["data"] == "phantom-train"
+    assert training["data_source"]["command"].startswith("rano-response phantom")
 
 
 def _cmd(data: Path, out: Path, cache: Path, epochs: int, *extra: str) -> list[str]:
@@ -349,6 +397,8 @@ def test_killed_run_resumes_to_the_same_numbers(cohort, cache, tmp_path):
     np.testing.assert_allclose(m_res["balanced_accuracy"], m_full["balanced_accuracy"], atol=1e-9)
     bundle = read_bundle(killed / "bundle")
     assert len(bundle.weights) == 2 and bundle.meta["training"]["command"].startswith("rano-response train ")
+    # the command as typed, its absolute paths by their names
+    assert f"--data {cohort.name} --out {killed.name} --cache {cache.name} " in bundle.meta["training"]["command"]
 
 
 def test_resume_refuses_other_settings(cohort, cache, tmp_path):
@@ -413,7 +463,6 @@ def test_difference_training_run_exports_a_predictable_bundle(cohort, tmp_path_f
 def test_25d_timm_run_exports_a_bundle_predict_runs(cohort, cache, tmp_path, case_pair):
     """2.5D: axial slices through the grid centre into a timm 2D CNN; trained in the same CV
     loop, exported as a bundle that predict (with Grad-CAM) runs like a 3D one."""
-    pytest.importorskip("timm")
     from RANOResponseLib.inference.pipeline import predict_pair
 
     out = tmp_path / "run25d"
@@ -428,7 +477,7 @@ def test_25d_timm_run_exports_a_bundle_predict_runs(cohort, cache, tmp_path, cas
 def test_25d_transfer_learning_from_a_local_file_only(tmp_path):
     """--pretrained-weights loads a local timm checkpoint (first conv adapted to k*C channels);
     without it nothing is pretrained and nothing is downloaded."""
-    timm = pytest.importorskip("timm")
+    import timm
     import torch
     from RANOResponseLib.model.networks import architecture_args, build_network
 
@@ -454,8 +503,6 @@ def test_script_entry_point_parses_args_after_double_dash(tmp_path):
                           str(tmp_path / "o"), "--device", "cpu"], capture_output=True, text=True, env=cli_env())
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "LUMIERE-ExpertRating" in res.stderr
-    from ResponseTrainingLib.cli import build_parser
-
     usage = build_parser().format_help()
     for flag in ("--folds", "--loocv", "--epochs", "--arch", "--modalities", "--pairing", "--seed", "--device",
                  "--resume", "--progress-json", "--hybrid", "--only-fold", "--grad-shards"):

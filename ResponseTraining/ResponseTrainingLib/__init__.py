@@ -7,5 +7,10 @@ lowest first; each may import RANOResponseLib and those listed before it:
 - :mod:`~ResponseTrainingLib.analysis` metrics, plots, evaluation of a bundle on a labelled cohort
 - :mod:`~ResponseTrainingLib.training` configuration, patient-grouped folds, the training loop, CV, hybrids
 
-:mod:`.cli` (``rano-response train`` / ``evaluate``) sits on top.
+On top of them:
+
+- :mod:`.cli`          ``rano-response train`` / ``evaluate`` (a plugin of the ``rano-response`` program)
+- :mod:`.runs`         a run as the Slicer module sees it: the command for the widget's settings, the
+                       child process, reading a run folder
+- :mod:`.dependencies` the packages training needs in Slicer's Python beyond the clinical runtime's
 """

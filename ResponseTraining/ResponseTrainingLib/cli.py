@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Sequence
 
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.core.names import MODALITIES
-from RANOResponseLib.datasets.lumiere import PAIRINGS
+from RANOResponseLib.core.names import PAIRINGS
 
-from ResponseTrainingLib.training.cv import (
+from ResponseTrainingLib.training.config import (
     ARCHS,
     CHANNEL_SETS,
     WEIGHTING_ALIASES,
     WEIGHTINGS,
     TrainConfig,
-    train,
+    default,
+    parse_modalities,
 )
+from ResponseTrainingLib.training.cv import train
 from ResponseTrainingLib.training.hybrid import CLASSIFIERS, HYBRID_FIT
 
 
@@ -84,55 +85,59 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, type=Path, help="cohort root (Imaging/ and the rating CSV)")
     g.add_argument("--out", required=True, type=Path, help="run folder (folds, tables, plots, bundle)")
-    g.add_argument("--modalities", default=",".join(MODALITIES), help="comma list of CT1,T1,T2,FLAIR")
-    g.add_argument("--channels", default="stack", choices=CHANNEL_SETS,
+    g.add_argument("--modalities", default=",".join(default("modalities")), help="comma list of CT1,T1,T2,FLAIR")
+    g.add_argument("--channels", default=default("channels"), choices=CHANNEL_SETS,
                    help="stack: [follow-up, baseline] per modality; difference: follow-up minus baseline")
-    g.add_argument("--pairing", default="previous", choices=PAIRINGS,
+    g.add_argument("--pairing", default=default("pairing"), choices=PAIRINGS,
                    help="baseline = scan right before, or latest Post-Op/PR/CR reference (BraTPRO)")
     g.add_argument("--labels", type=Path, default=None,
                    help="radiologists' verdicts (`rano-response review export`): they replace the rating CSV's "
                         "label of the same pair and add reviewed pairs; several reviewers are combined by majority")
-    g.add_argument("--spacing", type=_triple(float), default=(2.0, 2.0, 2.0), help="model grid mm, e.g. 2 or 2,2,2")
-    g.add_argument("--size", type=_triple(int), default=(80, 96, 80), help="model grid voxels x,y,z")
+    g.add_argument("--spacing", type=_triple(float), default=default("spacing"), help="model grid mm, e.g. 2 or 2,2,2")
+    g.add_argument("--size", type=_triple(int), default=default("size"), help="model grid voxels x,y,z")
     g.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default OUT/cache); share it "
                    "between runs on the same cohort")
     g.add_argument("--clinical", action="store_true", help="join age, sex, IDH, MGMT and weeks between scans "
                    "(clinical.csv; used by --hybrid)")
     s = p.add_argument_group("splits")
-    s.add_argument("--folds", type=int, default=5, help="patient-grouped stratified k-fold (default 5)")
+    s.add_argument("--folds", type=int, default=default("folds"),
+                   help="patient-grouped stratified k-fold (default %(default)s)")
     s.add_argument("--loocv", action="store_true", help="leave-one-patient-out instead of k-fold")
-    s.add_argument("--val-fraction", type=float, default=0.2,
+    s.add_argument("--val-fraction", type=float, default=default("val_fraction"),
                    help="validation patients carved from each fold's training patients")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=default("seed"))
     m = p.add_argument_group("model and optimisation")
-    m.add_argument("--arch", default="compact", choices=ARCHS)
-    m.add_argument("--backbone", default="resnet18", help="timm25d: timm 2D model name")
-    m.add_argument("--slices", type=int, default=5, help="timm25d: axial slices through the grid centre")
-    m.add_argument("--slice-step", type=int, default=4, help="timm25d: voxels between slices")
+    m.add_argument("--arch", default=default("arch"), choices=ARCHS)
+    m.add_argument("--backbone", default=default("backbone"), help="timm25d: timm 2D model name")
+    m.add_argument("--slices", type=int, default=default("slices"),
+                   help="timm25d: axial slices through the grid centre")
+    m.add_argument("--slice-step", type=int, default=default("slice_step"), help="timm25d: voxels between slices")
     m.add_argument("--pretrained-weights", type=Path, default=None,
                    help="timm25d: local weights file for transfer learning (nothing is downloaded)")
-    m.add_argument("--epochs", type=int, default=30)
-    m.add_argument("--batch-size", type=int, default=4)
-    m.add_argument("--lr", type=float, default=1e-3)
-    m.add_argument("--weight-decay", type=float, default=0.01)
-    m.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
-    m.add_argument("--plateau-patience", type=int, default=4, help="epochs without improvement before lr/10")
+    m.add_argument("--epochs", type=int, default=default("epochs"), help="at most (default %(default)s)")
+    m.add_argument("--batch-size", type=int, default=default("batch_size"))
+    m.add_argument("--lr", type=float, default=default("lr"))
+    m.add_argument("--weight-decay", type=float, default=default("weight_decay"))
+    m.add_argument("--patience", type=int, default=default("patience"), help="early stopping patience (epochs)")
+    m.add_argument("--plateau-patience", type=int, default=default("plateau_patience"),
+                   help="epochs without improvement before lr/10")
     names = ", ".join(WEIGHTINGS)
-    m.add_argument("--loss-weighting", default="1/prevalence",
+    m.add_argument("--loss-weighting", default=default("loss_weighting"),
                    help=f"class weights in the loss: {names}; a comma list or 'all' runs the grid")
-    m.add_argument("--sampler-weighting", default="equal",
+    m.add_argument("--sampler-weighting", default=default("sampler_weighting"),
                    help=f"class weights when sampling: {names}; a comma list or 'all' runs the grid")
-    m.add_argument("--dropout", type=float, default=0.1)
+    m.add_argument("--dropout", type=float, default=default("dropout"))
     m.add_argument("--no-augment", action="store_true")
-    m.add_argument("--grad-shards", type=int, default=1, help="split each batch into K parts with gradient "
-                   "accumulation; equals a torchrun run with K processes")
+    m.add_argument("--grad-shards", type=int, default=default("grad_shards"),
+                   help="split each batch into K parts with gradient accumulation; equals a torchrun run with "
+                        "K processes")
     h = p.add_argument_group("deep hybrid learning")
     h.add_argument("--hybrid", default="", help=f"comma list of {','.join(CLASSIFIERS)} or 'all': classifiers on "
                    "the fold model's probabilities + clinical features")
-    h.add_argument("--hybrid-fit", default="val", choices=HYBRID_FIT,
+    h.add_argument("--hybrid-fit", default=default("hybrid_fit"), choices=HYBRID_FIT,
                    help="fit them on the fold's validation pairs (default) or training + validation pairs")
     r = p.add_argument_group("running")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--device", default=default("device"), help="auto | cpu | cuda | cuda:N")
     r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice); "
                    "1 is fastest on oversubscribed cores, and CPU numbers reproduce exactly with the same value")
     r.add_argument("--resume", action="store_true", help="skip finished folds, continue the current one")
@@ -140,29 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preprocess-only", action="store_true", help="fill the preprocessing cache and stop")
     r.add_argument("--progress-json", action="store_true",
                    help="one JSON line per event on stdout (start, preprocess, epoch, fold, done) with 'frac'")
-    r.add_argument("--bundle-id", default="rano-response-model")
+    r.add_argument("--bundle-id", default=default("bundle_id"))
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    mods = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+def config_from_args(args: argparse.Namespace, command: str = "") -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``rano-response train`` arguments (``--loss-weighting``
+    and ``--sampler-weighting`` as given: a comma list there is a grid, see :func:`main`)."""
     hybrid = tuple(CLASSIFIERS) if args.hybrid.strip() == "all" else tuple(
         h.strip() for h in args.hybrid.split(",") if h.strip())
+    return TrainConfig(
+        data=args.data, out=args.out, arch=args.arch, modalities=parse_modalities(args.modalities),
+        channels=args.channels, pairing=args.pairing, labels=args.labels, folds=args.folds, loocv=args.loocv,
+        val_fraction=args.val_fraction, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, patience=args.patience, plateau_patience=args.plateau_patience,
+        loss_weighting=args.loss_weighting, sampler_weighting=args.sampler_weighting, seed=args.seed,
+        device=args.device, spacing=args.spacing, size=args.size, dropout=args.dropout, augment=not args.no_augment,
+        clinical=args.clinical, hybrid=hybrid, hybrid_fit=args.hybrid_fit, backbone=args.backbone,
+        slices=args.slices, slice_step=args.slice_step, pretrained_weights=args.pretrained_weights,
+        grad_shards=args.grad_shards, only_fold=args.only_fold, preprocess_only=args.preprocess_only,
+        cache=args.cache, bundle_id=args.bundle_id, resume=args.resume, progress_json=args.progress_json,
+        command=command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rano-response train ARGS``: one cross-validated run, or a weighting grid of runs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     try:
-        cfg = TrainConfig(
-            data=args.data, out=args.out, arch=args.arch, modalities=mods, channels=args.channels,
-            pairing=args.pairing, labels=args.labels, folds=args.folds, loocv=args.loocv, val_fraction=args.val_fraction,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            patience=args.patience, plateau_patience=args.plateau_patience, loss_weighting=args.loss_weighting,
-            sampler_weighting=args.sampler_weighting, seed=args.seed, device=args.device, spacing=args.spacing,
-            size=args.size, dropout=args.dropout, augment=not args.no_augment, clinical=args.clinical,
-            hybrid=hybrid, hybrid_fit=args.hybrid_fit, backbone=args.backbone, slices=args.slices,
-            slice_step=args.slice_step, pretrained_weights=args.pretrained_weights, grad_shards=args.grad_shards,
-            only_fold=args.only_fold, preprocess_only=args.preprocess_only, cache=args.cache,
-            bundle_id=args.bundle_id, resume=args.resume, progress_json=args.progress_json,
-            command="rano-response train " + shlex.join(argv))
+        cfg = config_from_args(args, command="rano-response train " + shlex.join(argv))
         if args.threads > 0:
             import torch
 
@@ -178,9 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -205,3 +213,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ev.set_defaults(func=_cmd_evaluate)
     sub.add_parser("train", help="train and export a bundle (see `rano-response train --help`)", add_help=False)
     return {"train": main}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,10 @@ REFERENCE_ORDER: tuple[str, ...] = MODALITIES
 # RANO response classes, in the order of the network's outputs.
 CLASS_NAMES: tuple[str, ...] = ("CR", "PR", "SD", "PD")
 
+# How a rated follow-up finds its baseline (RANOResponseLib.datasets.lumiere.build_pairs): the scan
+# right before it, or the latest reference visit (Post-Op / PR / CR nadir, as BraTPRO pairs them).
+PAIRINGS: tuple[str, ...] = ("previous", "reference")
+
 # Segmentation labels in LUMIERE / DeepBraTumIA order.
 LABEL_ENHANCING = 1
 LABEL_CORE = 2  # necrotic / non-enhancing core (and the resection cavity)

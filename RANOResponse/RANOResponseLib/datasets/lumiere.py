@@ -28,14 +28,13 @@ import numpy as np
 import pandas as pd
 
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.core.names import CLASS_NAMES
+from RANOResponseLib.core.names import CLASS_NAMES, PAIRINGS
 from RANOResponseLib.imaging.io import find_modality_file
 
 RATING_CSV = "LUMIERE-ExpertRating-v202211.csv"
 DEMOGRAPHICS_CSV = "LUMIERE-Demographics_Pathology.csv"
 WEEK_RE = re.compile(r"^week-(\d+)(?:-(\d+))?$")
 NOT_RANO_RE = re.compile(r"not\s+(a\s+)?rano", re.IGNORECASE)
-PAIRINGS = ("previous", "reference")
 REFERENCE_RATINGS = ("Post-Op", "PR", "CR")  # BraTPRO's reference visits (post-op scan or nadir)
 CLINICAL_FEATURES = ("age", "sex_male", "idh_mutant", "mgmt_methylated", "interval_weeks")
 PAIR_TABLE_COLUMNS = ("patient", "baseline", "followup", "pairing", "rating", "label", "interval_weeks",

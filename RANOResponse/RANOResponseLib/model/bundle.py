@@ -146,6 +146,38 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
     )
 
 
+_MODALITIES_CACHE: dict[str, tuple[int, tuple[str, ...]]] = {}  # bundle.json -> (mtime_ns, modalities)
+
+
+def bundle_modalities(path: Path | str | None = None) -> tuple[str, ...]:
+    """The modalities a bundle needs, read from its ``bundle.json`` only again when the file changes.
+
+    For callers that ask often (the Slicer panel asks on every parameter change, slider drags
+    included): a cache keyed on the file and its modification time, and no torch import.
+    ``path``: a bundle folder or its bundle.json; empty or None: :func:`default_bundle_path`.
+    Raises :class:`BundleError` for a missing file or an unusable modalities list.
+    """
+    path = Path(path) if path and str(path) not in ("", ".") else default_bundle_path()
+    meta_file = path / "bundle.json" if path.is_dir() else path
+    try:
+        mtime = meta_file.stat().st_mtime_ns
+    except OSError:
+        raise BundleError(f"{meta_file}: model bundle not found (no bundle.json)") from None
+    key = str(meta_file.resolve())
+    cached = _MODALITIES_CACHE.get(key)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    try:
+        modalities = json.loads(meta_file.read_text(encoding="utf-8"))["modalities"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{meta_file}: no readable 'modalities' ({e})") from None
+    _require(isinstance(modalities, list) and len(modalities) > 0 and set(modalities) <= set(MODALITIES)
+             and len(set(modalities)) == len(modalities), meta_file,
+             f"modalities {modalities!r} must be distinct names from {list(MODALITIES)}")
+    _MODALITIES_CACHE[key] = (mtime, tuple(modalities))
+    return tuple(modalities)
+
+
 def load_models(bundle: Bundle, device: "Any" = "cpu") -> list["Any"]:
     """Verify each weight file's sha256, load it with ``weights_only=True`` and build the models."""
     import torch

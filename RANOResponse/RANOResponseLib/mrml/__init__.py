@@ -4,6 +4,7 @@
 - :mod:`.slice_views`       slice-logic pictures (axial/coronal/sagittal, montage)
 - :mod:`.outputs`           the scene and pictures predict writes (writers injected into the pipeline)
 - :mod:`.measurement_scene` diameters as line markups, reassessment when they move
+- :mod:`.logic`             the RANO Response panel on a scene (studies, Apply, overlay, review, report)
 - :mod:`.runner`            Apply: scene nodes -> study folders -> predict child -> nodes
 - :mod:`.process`           the background child process (progress, cancel)
 - :mod:`.dependencies`      which runtime packages are missing or incompatible in Slicer's Python

@@ -14,6 +14,7 @@ Progress lines understood (stdout or stderr):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+CORE_CLI = "RANOResponseLib.cli"  # the clinical core's commands (predict, measure, review, report)
 _PERCENT = re.compile(r"^\[\s*(?P<pct>[0-9.]+)%\]\s*(?P<stage>.*)$")
 
 
@@ -58,16 +60,37 @@ def parse_progress(line: str) -> ProgressEvent | None:
     return None
 
 
-def core_command(python: str | None, *args: str) -> list[str]:
-    """The command line that runs ``rano-response <args>`` with a given Python.
+def package_folders(packages: Sequence[str]) -> list[str]:
+    """The folders that hold the named top-level packages where this Python finds them now.
 
-    Inside Slicer ``python`` is ``PythonSlicer``; the Lib folders are put on the path so the
-    command works from an installed extension as well as from a source checkout.
+    A source checkout has them in the module folders (``RANOResponse/``, ``ResponseTraining/``), an
+    installed extension in Slicer's ``qt-scripted-modules``, a pip install in ``site-packages``: the
+    child gets the same folders on its path. Raises ImportError naming a package that is not found.
     """
-    here = Path(__file__).resolve().parent.parent  # .../RANOResponse (module folder)
-    paths = [str(here), str(here.parent / "ResponseTraining")]
+    folders: list[str] = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"package {name} not found on this Python's path")
+        folder = str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
+        if folder not in folders:
+            folders.append(folder)
+    return folders
+
+
+def core_command(python: str | None, *args: str, module: str = CORE_CLI,
+                 packages: Sequence[str] = ()) -> list[str]:
+    """The command line that runs ``<module>.main()`` with ``args`` in ``python``.
+
+    ``module`` is the program: the clinical core's CLI by default, or a program above it (the
+    ``rano-response`` command with the training commands is ``RANOResponseCLI``). The folders of
+    ``module``'s own package and of ``packages`` (other top-level packages it needs, e.g.
+    ``ResponseTrainingLib``) are put first on the child's path, found by :func:`package_folders`.
+    Inside Slicer ``python`` is ``PythonSlicer``; None is this Python.
+    """
+    paths = package_folders([module.split(".")[0], *packages])
     boot = (f"import sys; sys.path[:0] = {paths!r}; "
-            "from RANOResponseLib.cli import main; sys.exit(main())")
+            f"from importlib import import_module; sys.exit(import_module({module!r}).main())")
     return [python or sys.executable, "-c", boot, *args]
 
 
@@ -108,6 +131,11 @@ class BackgroundRun:
         for line in self._proc.stdout:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._proc.pid
 
     @property
     def returncode(self) -> int | None:

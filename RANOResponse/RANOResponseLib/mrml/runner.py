@@ -2,12 +2,17 @@
 
 Studies are volume nodes in a scene. They reach the core as study folders: the folder the nodes
 were read from when every node still matches its file, otherwise the nodes are exported to a
-private folder first. ``rano-response predict`` then runs in a child process
-(:class:`~RANOResponseLib.process.BackgroundRun`), and its output folder is loaded back into the
-scene with the same scene logic the CLI uses to write its ``.mrml`` (``scene.load_outputs``).
+private work folder first. ``rano-response predict`` then runs in a child process
+(:class:`~RANOResponseLib.mrml.process.BackgroundRun`) and writes only what the scene needs
+(``--no-scene --no-pictures``: prediction.json, the maps and the transform), and its output folder
+is loaded back into the scene with the same scene logic the CLI uses to write its ``.mrml``
+(``scene.load_outputs``).
 
-Cancel kills the child and removes the private folder: nothing was added to the scene, since the
-scene is only touched once the child has finished successfully.
+The work folder never outlives the job: cancel and failure remove it, and so does success once
+the outputs are in the scene. Loading reads every file at once (storage nodes' ``ReadData``;
+nothing is read lazily), and the nodes that came from the folder are then detached from their
+files, so they hold their data in memory and a saved scene writes them anew instead of
+referring to deleted files.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ def _node_file(node) -> Path | None:
     storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
     if storage is None or not storage.GetFileName():
         return None
-    if node.GetModifiedSinceRead() or node.GetParentTransformNode() is not None:
-        return None  # edited or moved since it was read: the file no longer is the node
+    if node.GetModifiedSinceRead():
+        return None  # edited since it was read: the file no longer is the node
+    # A parent transform (e.g. the last prediction's registration) leaves the node's own image as
+    # it is, and that image is what predict reads either way (an export ignores it too).
     return Path(storage.GetFileName())
 
 
@@ -90,7 +97,7 @@ def start_predict(request: PredictRequest, python: str | None = None, workdir: P
                   "followup": study_folder(request.followup, request.modalities, "followup", workdir)}
         out = workdir / "result"
         args = ["predict", "--baseline", str(inputs["baseline"]), "--followup", str(inputs["followup"]),
-                "--out", str(out), "--device", request.device]
+                "--out", str(out), "--device", request.device, "--no-scene", "--no-pictures"]
         if request.bundle:
             args += ["--bundle", str(request.bundle)]
         if not request.maps:
@@ -109,15 +116,40 @@ def start_predict(request: PredictRequest, python: str | None = None, workdir: P
 def finish_predict(scene, job: PredictJob):
     """Load a finished job's outputs into ``scene`` over the request's nodes; returns the scene nodes.
 
-    Raises :class:`RANOInputError` with the child's own message when it failed.
+    The work folder is removed in every case: the loaded nodes are detached from its files first
+    (see the module docstring). Raises :class:`RANOInputError` with the child's own message when
+    it failed.
     """
-    code = job.run.wait()
-    if code != 0:
-        raise RANOInputError(f"prediction failed: {job.run.error_message()}")
-    from RANOResponseLib.mrml.scene import load_outputs
+    try:
+        code = job.run.wait()
+        if code != 0:
+            raise RANOInputError(f"prediction failed: {job.run.error_message()}")
+        from RANOResponseLib.mrml.scene import load_outputs
 
-    return load_outputs(scene, job.out, baseline_nodes=dict(job.request.baseline),
-                        followup_nodes=dict(job.request.followup), roi=job.request.roi)
+        nodes = load_outputs(scene, job.out, baseline_nodes=dict(job.request.baseline),
+                             followup_nodes=dict(job.request.followup), roi=job.request.roi)
+        for node_id in (nodes.transform, *nodes.maps.values()):
+            detach_from_folder(scene, scene.GetNodeByID(node_id), job.workdir)
+        return nodes
+    finally:
+        shutil.rmtree(job.workdir, ignore_errors=True)
+
+
+def detach_from_folder(scene, node, folder: Path) -> bool:
+    """Remove ``node``'s storage node when its file lies in ``folder`` (about to be deleted).
+
+    The node keeps its data in memory, like a node made in Slicer and not saved yet; saving the
+    scene (Slicer's Save, or :func:`~RANOResponseLib.mrml.scene.write_scene`) writes it anew.
+    Returns whether the node was detached.
+    """
+    storage = node.GetStorageNode() if node is not None else None
+    if storage is None or not storage.GetFileName():
+        return False
+    if not Path(storage.GetFileName()).resolve().is_relative_to(Path(folder).resolve()):
+        return False
+    node.SetAndObserveStorageNodeID(None)
+    scene.RemoveNode(storage)
+    return True
 
 
 def discard(job: PredictJob) -> None:

@@ -21,7 +21,6 @@ folder (what the Slicer module uses after running ``predict`` in a child process
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -51,6 +50,7 @@ FLIP = np.diag([-1.0, -1.0, 1.0])  # LPS <-> RAS, its own inverse
 GREY_ID = "vtkMRMLColorTableNodeGrey"  # Slicer's built-in grey table, the volumes' default
 ROLE = "RANOResponse.role"  # node attribute naming what a node is in a prediction
 CASE = "RANOResponse.case"  # node attribute: the follow-up node (or folder) the outputs belong to
+STUDY = "RANOResponse.study"  # node attribute of a loaded study volume: "<study>:<modality>"
 # Slicer's three standard slice views: (layout name, orientation, label, colour)
 VIEWS = (("Red", "Axial", "R", (0.952941, 0.290196, 0.2)),
          ("Yellow", "Sagittal", "Y", (0.929412, 0.835294, 0.298039)),
@@ -212,24 +212,41 @@ def load_volume(scene, path: Path | str, name: str, node=None):
 
 
 def load_study_nodes(scene, folder: Path | str, modalities: Sequence[str], study_name: str,
-                     missing_ok: bool = False) -> dict[str, Any]:
+                     missing_ok: bool = False, reuse: bool = False) -> dict[str, Any]:
     """Load one study folder's modality files as volume nodes named ``"<study_name> <modality>"``.
 
     Files are found exactly as ``predict`` finds them (:func:`io.find_modality_file`). A missing
-    modality is an error naming the folder, unless ``missing_ok`` (then it is left out).
+    modality is an error naming the folder, unless ``missing_ok`` (then it is left out). Each node
+    is tagged ``RANOResponse.study = "<study_name>:<modality>"``; with ``reuse`` the node an earlier
+    load tagged so is read again instead of a new one being added (a panel stepping through cases
+    keeps one node per study and modality). All files are found before any node is touched.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise RANOInputError(f"{folder}: study folder not found")
-    nodes = {}
+    paths = {}
     for m in modalities:
         path = find_modality_file(folder, m)
         if path is None:
             if missing_ok:
                 continue
             raise RANOInputError(f"{folder}: missing modality {m} (expected {m}.nii.gz, .nii or .nrrd)")
-        nodes[m] = load_volume(scene, path, f"{study_name} {m}")
+        paths[m] = path
+    nodes = {}
+    for m, path in paths.items():
+        tag = f"{study_name}:{m}"
+        previous = find_study_node(scene, tag) if reuse else None
+        nodes[m] = load_volume(scene, path, f"{study_name} {m}", node=previous)
+        nodes[m].SetAttribute(STUDY, tag)
     return nodes
+
+
+def find_study_node(scene, tag: str):
+    """The scalar volume node :func:`load_study_nodes` tagged ``tag`` (``"<study>:<modality>"``), or None."""
+    for node in _nodes(scene, "vtkMRMLScalarVolumeNode"):
+        if node.GetAttribute(STUDY) == tag:
+            return node
+    return None
 
 
 def _present(nodes: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -719,14 +736,11 @@ def load_outputs(scene, out_dir: Path | str, baseline_nodes: Mapping[str, Any] |
 
     Without nodes, the studies are loaded from the input files named in prediction.json.
     """
+    # imported here: the pipeline imports torch, which the rest of the scene code does not need
+    from RANOResponseLib.inference.pipeline import read_prediction
+
     out = Path(out_dir)
-    pj = out / "prediction.json"
-    if not pj.is_file():
-        raise RANOInputError(f"{pj}: not found; is {out} a rano-response predict output folder?")
-    try:
-        summary = json.loads(pj.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RANOInputError(f"{pj}: not valid JSON ({e})") from None
+    summary = read_prediction(out)
     outputs = summary.get("outputs", {})
     inputs = summary.get("inputs", {})
 

@@ -23,7 +23,11 @@ How a cohort is made:
 2. *Rendering*: each timepoint's lesions are drawn as label maps on the template grid (this is the
    ``atlas`` segmentation) and turned into four contrasts from the GM/WM/CSF maps.
 3. *Rating*: the written rating is the *measured* one: :func:`measure_spd` on the template-space
-   label maps of the previous and the current timepoint, then :func:`rano_label`.
+   label maps of the previous and the current timepoint, then the RANO decision table of
+   :func:`RANOResponseLib.rano.rules.rano_decision` (the review panel's; CR only when no
+   enhancing lesion at all is left). Lesions are measured as the measurement assistant does
+   (:func:`~RANOResponseLib.rano.measurement.bidimensional`,
+   :class:`~RANOResponseLib.rano.measurement.MeasurableCriteria`).
 4. *Acquisition*: every timepoint is resampled into its own native grid through a random rigid
    motion, multiplied by a smooth bias field, given Rician noise, rescaled and stored as int16
    or float32, like real scans.
@@ -48,14 +52,19 @@ from scipy import ndimage
 
 from RANOResponseLib.core.names import LABEL_CORE, LABEL_EDEMA, LABEL_ENHANCING, MODALITIES
 from RANOResponseLib.datasets.lumiere import DEMOGRAPHICS_CSV, RATING_CSV
-from RANOResponseLib.rano.measurement import bidimensional
+from RANOResponseLib.rano.measurement import MeasurableCriteria, bidimensional
+from RANOResponseLib.rano.rules import RANOThresholds, rano_decision
 
 __all__ = [
     "PhantomConfig",
+    "PatientPlan",
+    "PlannedTimepoint",
+    "LesionState",
+    "LesionShape",
     "template_dir",
+    "plan_cohort",
     "generate_cohort",
     "measure_spd",
-    "rano_label",
     "new_measurable_lesion",
     "MODALITIES",
     "RATING_COLUMN",
@@ -111,7 +120,7 @@ TRUTH_COLUMNS: tuple[str, ...] = (
     "spd_prev_mm2",  # same, previous timepoint
     "new_lesion",  # measured: a measurable lesion not overlapping the previous lesions
     "n_measurable",
-    "rating_measured",  # rano_label(spd_prev, spd, new_lesion); Pre-Op / Post-Op for those rows
+    "rating_measured",  # rules.rano_decision(spd_prev, spd, enhancing left, new_lesion); Pre-Op / Post-Op rows
     "rating_written",  # what the rating CSV says (quirks included)
     "quirk",  # ';'-separated quirk names, '' if clean
     "folder_exists",
@@ -127,9 +136,8 @@ TRUTH_COLUMNS: tuple[str, ...] = (
     "trans_z_mm",
 )
 
-PD_RATIO = 1.25
-PR_RATIO = 0.5
-MIN_MEASURABLE_MM = 10.0
+# What makes a lesion measurable: the measurement assistant's definition, RANO's defaults.
+MEASURABLE = MeasurableCriteria()
 
 # LUMIERE prevalence among rated follow-ups.
 CLASS_PREVALENCE: dict[str, float] = {"PD": 0.67, "SD": 0.20, "PR": 0.06, "CR": 0.07}
@@ -226,37 +234,6 @@ def template_dir() -> Path:
     return folder
 
 
-def rano_label(spd_prev: float, spd_now: float, new_lesion: bool) -> str:
-    """RANO response of a timepoint relative to the previous one.
-
-    Rules (sum of bidimensional products, SPD, of measurable enhancing lesions):
-
-    * ``PD`` if a new lesion appeared, or if ``spd_prev > 0`` and ``spd_now / spd_prev >= 1.25``,
-      or if there was no measurable disease before (``spd_prev == 0``) and there is now;
-    * ``CR`` if there is no measurable enhancing disease now (``spd_now == 0``) and no new lesion;
-    * ``PR`` if ``spd_now / spd_prev <= 0.5``;
-    * ``SD`` otherwise.
-
-    The comparison is always against the previous timepoint (how the training pairs are built),
-    not against the nadir.
-    """
-    for name, value in (("spd_prev", spd_prev), ("spd_now", spd_now)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite non-negative number, got {value}")
-    if new_lesion:
-        return "PD"
-    if spd_now == 0:
-        return "CR"
-    if spd_prev == 0:
-        return "PD"
-    ratio = spd_now / spd_prev
-    if ratio >= PD_RATIO:
-        return "PD"
-    if ratio <= PR_RATIO:
-        return "PR"
-    return "SD"
-
-
 def measure_spd(seg: np.ndarray, spacing_xyz: tuple[float, float, float]) -> tuple[float, list[tuple[float, float]]]:
     """RANO sum of bidimensional products (mm^2) of the enhancing lesions in a label map.
 
@@ -265,7 +242,7 @@ def measure_spd(seg: np.ndarray, spacing_xyz: tuple[float, float, float]) -> tup
     diameter (maximum Feret diameter) and ``d2`` its longest extent perpendicular to ``d1``;
     both include the in-plane pixel footprint, so a voxelised disk of diameter D measures D within
     a voxel. (Principal axes would do; the Feret diameter is what a reader measures.) A lesion
-    is measurable if both are >= 10 mm.
+    is measurable by :data:`MEASURABLE` (both diameters >= 10 mm, seen on >= 2 slices).
 
     Args:
         seg: label map as SimpleITK gives it, numpy order ``(z, y, x)``.
@@ -275,7 +252,7 @@ def measure_spd(seg: np.ndarray, spacing_xyz: tuple[float, float, float]) -> tup
         ``(spd, [(d1, d2), ...])`` over the measurable lesions, largest ``d1*d2`` first.
     """
     _, _, lesions = _enhancing_lesions(seg, spacing_xyz)
-    measurable = [(d1, d2) for _, d1, d2 in lesions if d1 >= MIN_MEASURABLE_MM and d2 >= MIN_MEASURABLE_MM]
+    measurable = [(d1, d2) for _, d1, d2, n in lesions if not MEASURABLE.why_not(d1, d2, n, spacing_xyz[2])]
     measurable.sort(key=lambda d: -d[0] * d[1])
     return float(sum(d1 * d2 for d1, d2 in measurable)), measurable
 
@@ -295,11 +272,22 @@ def new_measurable_lesion(
     if box is None:
         return False
     previous = np.isin(np.asarray(seg_prev)[box], (LABEL_ENHANCING, LABEL_CORE))
-    for label_id, d1, d2 in lesions:
-        if d1 >= MIN_MEASURABLE_MM and d2 >= MIN_MEASURABLE_MM:
+    for label_id, d1, d2, n_slices in lesions:
+        if not MEASURABLE.why_not(d1, d2, n_slices, spacing_xyz[2]):
             if not previous[components == label_id].any():
                 return True
     return False
+
+
+def plan_cohort(config: PhantomConfig) -> list[PatientPlan]:
+    """The cohort :func:`generate_cohort` draws for ``config``, without drawing it.
+
+    Every patient's lesion shapes and, per timepoint, each lesion's size and state and the class
+    the trajectory was built for: the intended geometry, from which tests derive the expected
+    measurements and RANO classes independently of the measuring code.
+    """
+    config.validate()
+    return _plan(config, _load_template(float(config.spacing)), _seeds(config))
 
 
 def generate_cohort(
@@ -321,23 +309,9 @@ def generate_cohort(
     out = Path(out)
     say = progress or (lambda _msg: None)
     tpl = _load_template(float(config.spacing))
-
-    root = np.random.SeedSequence(config.seed)
-    cohort_ss, *patient_ss = root.spawn(config.patients + 1)
-    counts_ss, quota_ss, quirk_ss, demo_ss = cohort_ss.spawn(4)
-    plan_ss: list[np.random.SeedSequence] = []
-    image_ss: list[np.random.SeedSequence] = []
-    for ss in patient_ss:
-        p, i = ss.spawn(2)
-        plan_ss.append(p)
-        image_ss.append(i)
-
-    counts_rng = np.random.default_rng(counts_ss)
-    n_followups = [
-        int(v) for v in counts_rng.integers(config.min_followups, config.max_followups + 1, size=config.patients)
-    ]
-    quirks = _allocate_quirks(config, n_followups, np.random.default_rng(quirk_ss))
-    plans = _plan_cohort(tpl, config, n_followups, quirks, plan_ss, np.random.default_rng(quota_ss))
+    seeds = _seeds(config)
+    plans = _plan(config, tpl, seeds)
+    image_ss, demo_ss = seeds.images, seeds.demographics
 
     imaging = out / "Imaging"
     imaging.mkdir(parents=True, exist_ok=True)
@@ -363,7 +337,7 @@ def generate_cohort(
             else:
                 assert prev_labels is not None
                 new_lesion = new_measurable_lesion(prev_labels, labels, spacing_xyz)
-                measured = rano_label(prev_spd, spd, new_lesion)
+                measured = rano_decision(prev_spd, spd, enhancing_left=bool(lesions), new_measurable=new_lesion).category
             acq = _write_timepoint(imaging / plan.patient / tp.folder, tpl, app, labels, tp, rng)
             written = measured
             if "post_op_pd" in tp.quirks:
@@ -429,6 +403,40 @@ def generate_cohort(
     return truth_df
 
 
+@dataclass(frozen=True)
+class _Seeds:
+    """The independent random streams of a cohort, all children of ``PhantomConfig.seed``."""
+
+    counts: np.random.SeedSequence
+    quota: np.random.SeedSequence
+    quirks: np.random.SeedSequence
+    demographics: np.random.SeedSequence
+    plans: list[np.random.SeedSequence]  # one per patient
+    images: list[np.random.SeedSequence]  # one per patient
+
+
+def _seeds(config: PhantomConfig) -> _Seeds:
+    root = np.random.SeedSequence(config.seed)
+    cohort_ss, *patient_ss = root.spawn(config.patients + 1)
+    counts_ss, quota_ss, quirk_ss, demo_ss = cohort_ss.spawn(4)
+    plan_ss: list[np.random.SeedSequence] = []
+    image_ss: list[np.random.SeedSequence] = []
+    for ss in patient_ss:
+        p, i = ss.spawn(2)
+        plan_ss.append(p)
+        image_ss.append(i)
+    return _Seeds(counts_ss, quota_ss, quirk_ss, demo_ss, plan_ss, image_ss)
+
+
+def _plan(config: PhantomConfig, tpl: _Template, seeds: _Seeds) -> list[PatientPlan]:
+    counts_rng = np.random.default_rng(seeds.counts)
+    n_followups = [
+        int(v) for v in counts_rng.integers(config.min_followups, config.max_followups + 1, size=config.patients)
+    ]
+    quirks = _allocate_quirks(config, n_followups, np.random.default_rng(seeds.quirks))
+    return _plan_cohort(tpl, config, n_followups, quirks, seeds.plans, np.random.default_rng(seeds.quota))
+
+
 RECIPE_JSON = "phantom.json"
 
 
@@ -458,11 +466,11 @@ def write_recipe(out: Path, config: PhantomConfig) -> Path:
 
 def _enhancing_lesions(
     seg: np.ndarray, spacing_xyz: tuple[float, float, float]
-) -> tuple[np.ndarray, tuple[slice, ...] | None, list[tuple[int, float, float]]]:
+) -> tuple[np.ndarray, tuple[slice, ...] | None, list[tuple[int, float, float, int]]]:
     """Label the enhancing lesions and measure each.
 
-    Returns ``(components, box, [(id, d1, d2), ...])`` where ``components`` labels the lesions
-    inside ``box``, the bounding box of labels 1 and 2 (``None`` when there are none).
+    Returns ``(components, box, [(id, d1, d2, n_slices), ...])`` where ``components`` labels the
+    lesions inside ``box``, the bounding box of labels 1 and 2 (``None`` when there are none).
     """
     seg = np.asarray(seg)
     if seg.ndim != 3:
@@ -477,17 +485,17 @@ def _enhancing_lesions(
     enhancing = seg == LABEL_ENHANCING
     # Components holding at least one enhancing voxel.
     has_enhancing = np.bincount(components[enhancing], minlength=n + 1) > 0
-    out: list[tuple[int, float, float]] = []
+    out: list[tuple[int, float, float, int]] = []
     for label_id, sub in enumerate(ndimage.find_objects(components), start=1):
         if sub is None or not has_enhancing[label_id]:
             continue
         mask = components[sub] == label_id
-        z = int(np.argmax(mask.sum(axis=(1, 2))))
+        areas = mask.sum(axis=(1, 2))
+        z = int(np.argmax(areas))
         yx = np.argwhere(mask[z])
         points = np.column_stack([yx[:, 1] * sx, yx[:, 0] * sy])  # (x, y) in mm
         d = bidimensional(points, sx, sy)  # the measurement assistant's own definition
-        d1, d2 = d.d1, d.d2
-        out.append((label_id, d1, d2))
+        out.append((label_id, d.d1, d.d2, int((areas > 0).sum())))
     return components, box, out
 
 
@@ -599,7 +607,7 @@ def _resample_to_spacing(image: sitk.Image, spacing: float) -> sitk.Image:
 
 
 @dataclass
-class _Shape:
+class LesionShape:
     """Fixed geometry of one lesion: a perturbed ellipsoid that scales with its size."""
 
     centre_mm: np.ndarray  # (3,) array-frame (z, y, x) mm on the template grid
@@ -644,8 +652,9 @@ class _Shape:
 
 
 @dataclass
-class _LesionState:
-    """One lesion at one timepoint."""
+class LesionState:
+    """One lesion at one timepoint. Drawn as enhancing (labels 1 and 2) where
+    ``shape.radius < size_mm`` when ``active``; an inactive lesion has no enhancing rim."""
 
     shape: int  # index into the patient's shapes
     size_mm: float  # outer radius of the enhancing lesion (major axis)
@@ -657,11 +666,13 @@ class _LesionState:
 
 
 @dataclass
-class _Timepoint:
+class PlannedTimepoint:
+    """One timepoint of a patient's plan: its lesions and the class it was built for."""
+
     folder: str
     week: int
     role: str  # 'pre-op', 'post-op', 'follow-up'
-    lesions: list[_LesionState]
+    lesions: list[LesionState]
     intended: str = ""
     event: str = ""
     new_lesion_intended: bool = False
@@ -670,15 +681,17 @@ class _Timepoint:
 
 
 @dataclass
-class _PatientPlan:
+class PatientPlan:
+    """One patient's plan: the lesion shapes and the timepoints that size them."""
+
     patient: str
-    shapes: list[_Shape]
-    timepoints: list[_Timepoint]
+    shapes: list[LesionShape]
+    timepoints: list[PlannedTimepoint]
     leftover: int  # intended classes that could not be fitted (replaced by PD)
     missing_folder_rows: list[tuple[int, str, str]] = field(default_factory=list)  # (week, folder, rating)
 
 
-def _make_shape(rng: np.random.Generator, centre_mm: np.ndarray, cap_mm: float) -> _Shape:
+def _make_shape(rng: np.random.Generator, centre_mm: np.ndarray, cap_mm: float) -> LesionShape:
     q, r = np.linalg.qr(rng.standard_normal((3, 3)))
     rotation = q * np.sign(np.diag(r))  # random orthonormal matrix
     axes = np.array([1.0, rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)])
@@ -687,7 +700,7 @@ def _make_shape(rng: np.random.Generator, centre_mm: np.ndarray, cap_mm: float) 
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     amp = rng.uniform(0.3, 1.0, size=k)
     amp *= rng.uniform(0.12, 0.22) / amp.sum()
-    return _Shape(
+    return LesionShape(
         centre_mm=np.asarray(centre_mm, dtype=np.float64),
         rotation=rotation,
         axes=axes,
@@ -718,7 +731,7 @@ def _place_primary(tpl: _Template, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 def _place_new(
-    tpl: _Template, shapes: list[_Shape], size_mm: float, max_factor: float, rng: np.random.Generator
+    tpl: _Template, shapes: list[LesionShape], size_mm: float, max_factor: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, float] | None:
     """Centre for a new lesion away from all others; returns (centre, size cap) or None."""
     cap = np.minimum(_SIZE_CAP_MM, (tpl.cand_edge_mm - 2.0) / max_factor)
@@ -733,7 +746,7 @@ def _place_new(
     return tpl.cand_mm[i].copy(), float(cap[i])
 
 
-def _render_appearance(tpl: _Template, shapes: list[_Shape], lesions: list[_LesionState]) -> np.ndarray:
+def _render_appearance(tpl: _Template, shapes: list[LesionShape], lesions: list[LesionState]) -> np.ndarray:
     """Appearance-code map (uint8, template grid) of one timepoint's lesions.
 
     Each lesion's distance field is evaluated on a sub-box around it only. Edema is drawn first
@@ -796,7 +809,7 @@ def _class_quota(n: int) -> list[str]:
     return [c for c, k in zip(classes, counts) for _ in range(int(k))]
 
 
-def _feasible(cls: str, states: list[_LesionState], shapes: list[_Shape], r_min: float) -> bool:
+def _feasible(cls: str, states: list[LesionState], shapes: list[LesionShape], r_min: float) -> bool:
     active = [s for s in states if s.active]
     if cls == "PD":
         return True
@@ -810,12 +823,12 @@ def _feasible(cls: str, states: list[_LesionState], shapes: list[_Shape], r_min:
 
 def _evolve(
     cls: str,
-    states: list[_LesionState],
-    shapes: list[_Shape],
+    states: list[LesionState],
+    shapes: list[LesionShape],
     tpl: _Template,
     r_min: float,
     rng: np.random.Generator,
-) -> tuple[list[_LesionState], str, bool]:
+) -> tuple[list[LesionState], str, bool]:
     """Lesions at the next follow-up for an intended class: (states, event, new lesion)."""
     states = [replace(s) for s in states]
     active = [s for s in states if s.active]
@@ -827,7 +840,7 @@ def _evolve(
         return states, "stable", False
     if cls == "PR":
         m = math.sqrt(rng.uniform(*_PR_SPD_RATIO))
-        kept: list[_LesionState] = []
+        kept: list[LesionState] = []
         for s in states:
             if s.active:
                 s.size_mm *= m
@@ -865,7 +878,7 @@ def _evolve(
             for s in active:
                 s.size_mm *= math.sqrt(rng.uniform(0.95, 1.1))
             states.append(
-                _LesionState(
+                LesionState(
                     shape=len(shapes) - 1, size_mm=size, core_fraction=rng.uniform(0.3, 0.6),
                     edema_mm=rng.uniform(6.0, 14.0), active=True, core="necrosis",
                 )
@@ -927,7 +940,7 @@ def _plan_patient(
     quota: list[str],
     quirks: dict[str, object],
     plan_ss: np.random.SeedSequence,
-) -> _PatientPlan:
+) -> PatientPlan:
     """Plan one patient's lesions and weeks, taking intended classes from ``quota`` (consumed)."""
     rng = np.random.default_rng(plan_ss)
     r_min = _min_radius_mm(tpl.spacing)
@@ -936,19 +949,19 @@ def _plan_patient(
     shape.cap_mm = min(_SIZE_CAP_MM, (edge - 2.0) / shape.max_factor)
     shapes = [shape]
     pre_size = min(rng.uniform(*_PRE_OP_SIZE_MM), max(shape.cap_mm, 1.4 * r_min / shape.min_factor))
-    pre = _LesionState(
+    pre = LesionState(
         shape=0, size_mm=pre_size, core_fraction=rng.uniform(0.45, 0.7), edema_mm=rng.uniform(12.0, 24.0),
         active=True, core="necrosis", primary=True,
     )
     post_size = max(pre_size * rng.uniform(0.55, 0.75), 1.2 * r_min / shape.min_factor)
     rim = rng.uniform(3.0, 5.0)
-    post = _LesionState(
+    post = LesionState(
         shape=0, size_mm=post_size, core_fraction=max(0.3, 1.0 - rim / post_size),
         edema_mm=rng.uniform(5.0, 12.0), active=True, core="cavity", primary=True,
     )
     timepoints = [
-        _Timepoint("week-000-1", 0, "pre-op", [pre]),
-        _Timepoint("week-000-2", 0, "post-op", [post]),
+        PlannedTimepoint("week-000-1", 0, "pre-op", [pre]),
+        PlannedTimepoint("week-000-2", 0, "post-op", [post]),
     ]
     if "post_op_pd" in quirks:
         timepoints[1].quirks.append("post_op_pd")
@@ -967,7 +980,7 @@ def _plan_patient(
         else:
             quota.remove(cls)
         states, event, new = _evolve(cls, states, shapes, tpl, r_min, rng)
-        tp = _Timepoint(f"week-{week:03d}", week, "follow-up", states, cls, event, new)
+        tp = PlannedTimepoint(f"week-{week:03d}", week, "follow-up", states, cls, event, new)
         if k == 0 and "less_than_3_months" in quirks:
             tp.quirks.append("less_than_3_months")
         if quirks.get("not_rano_timepoint") == k:
@@ -977,7 +990,7 @@ def _plan_patient(
             tp.missing_modality = missing[1]
             tp.quirks.append(f"missing_modality:{missing[1]}")
         timepoints.append(tp)
-    plan = _PatientPlan(f"Patient-{index + 1:03d}", shapes, timepoints, leftover)
+    plan = PatientPlan(f"Patient-{index + 1:03d}", shapes, timepoints, leftover)
     if "missing_folder" in quirks:
         gap_week = timepoints[-1].week + int(rng.integers(8, 15))
         plan.missing_folder_rows.append((gap_week, f"week-{gap_week:03d}", "PD"))
@@ -992,7 +1005,7 @@ def _plan_cohort(
     plan_ss: Sequence[np.random.SeedSequence],
     quota_rng: np.random.Generator,
     attempts: int = 64,
-) -> list[_PatientPlan]:
+) -> list[PatientPlan]:
     """Fit a shuffled class quota to the patients' trajectories.
 
     Slots are filled in order with the first class of the shuffled quota that the lesions allow
@@ -1003,7 +1016,7 @@ def _plan_cohort(
     total = sum(n_followups)
     base = _class_quota(total)
     required = set(base)
-    best: tuple[tuple[int, int], list[_PatientPlan]] | None = None
+    best: tuple[tuple[int, int], list[PatientPlan]] | None = None
     for _ in range(attempts):
         quota = [base[i] for i in quota_rng.permutation(len(base))]
         plans = [
@@ -1030,7 +1043,7 @@ def _write_timepoint(
     tpl: _Template,
     app: np.ndarray,
     labels: np.ndarray,
-    tp: _Timepoint,
+    tp: PlannedTimepoint,
     rng: np.random.Generator,
 ) -> dict[str, object]:
     """Write one timepoint's images and segmentations; returns its acquisition parameters."""
@@ -1159,20 +1172,21 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _rationale(tp: _Timepoint, measured: str) -> str:
+def _rationale(tp: PlannedTimepoint, measured: str) -> str:
     if tp.role == "pre-op":
         return ""
     if tp.role == "post-op":
         return "PRET"
+    t = RANOThresholds()
     return {
-        "PD": "new L" if "new lesion" in tp.event else "L increase >25%",
+        "PD": "new L" if "new lesion" in tp.event else f"L increase >{t.pd_percent:g}%",
         "SD": "",
-        "PR": "L decrease >50%",
+        "PR": f"L decrease >{-t.pr_percent:g}%",
         "CR": "no enhancing L",
     }[measured]
 
 
-def _demographics(plans: list[_PatientPlan], rng: np.random.Generator) -> pd.DataFrame:
+def _demographics(plans: list[PatientPlan], rng: np.random.Generator) -> pd.DataFrame:
     rows = []
     for plan in plans:
         last = max([tp.week for tp in plan.timepoints] + [w for w, _, _ in plan.missing_folder_rows])

@@ -11,7 +11,8 @@ segmentation by :mod:`measurement_scene`). Label conventions are :class:`LabelSc
 
 A *lesion* is a 26-connected component of enhancing and core voxels that holds at least one
 enhancing voxel (a ring-enhancing lesion is measured with its necrotic centre, as readers do; the
-phantom generator labels its cohort with the same definition, :func:`phantom.measure_spd`).
+phantom generator labels its cohort with the same definitions: :func:`bidimensional` and
+:class:`MeasurableCriteria`).
 Each lesion is measured on the *axial* slice where it is largest: the image slice plane closest to
 the patient's axial plane (chosen from the direction matrix, so sagittally stored or oblique
 volumes work), with in-plane distances in mm from the voxel spacing. ``d1`` is the longest
@@ -28,7 +29,6 @@ baseline tumour voxel (within ``margin_mm``) is *new*.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +42,6 @@ from scipy.spatial.distance import pdist, squareform
 from RANOResponseLib.core.errors import RANOInputError
 
 SEG_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
-PREDICTION_TRANSFORM = "followup_to_baseline.tfm"
 
 
 # ------------------------------------------------------------------------------ conventions
@@ -82,9 +81,20 @@ class MeasurableCriteria:
     min_volume_ml: float = 0.0
 
     def min_diameter_for(self, slice_thickness_mm: float) -> float:
+        """The smallest diameter that counts on slices this thick."""
         if slice_thickness_mm > self.thick_slice_mm:
             return max(self.min_diameter_mm, 2.0 * slice_thickness_mm)
         return self.min_diameter_mm
+
+    def why_not(self, d1_mm: float, d2_mm: float, n_slices: int, slice_thickness_mm: float) -> str:
+        """Why a lesion with these diameters and slices is not measurable; ``""`` if it is."""
+        need = self.min_diameter_for(slice_thickness_mm)
+        reasons = []
+        if min(d1_mm, d2_mm) < need:
+            reasons.append(f"a diameter is below {need:g} mm")
+        if n_slices < self.min_slices:
+            reasons.append(f"seen on {n_slices} axial slice(s), fewer than {self.min_slices}")
+        return "; ".join(reasons)
 
 
 @dataclass(frozen=True)
@@ -378,10 +388,10 @@ def bidimensional(points: np.ndarray, su: float, sv: float) -> Bidimensional:
     """Longest diameter of a set of pixel centres ``(u, v)`` in mm and the longest extent
     perpendicular to it, with endpoints.
 
-    Same definition as :func:`phantom.measure_spd` (the labels our models learn from): the
-    longest diameter joins two convex-hull vertices of the pixel centres, and each extent gets one
-    pixel footprint (``hypot(du*su, dv*sv)`` along unit direction ``(du, dv)``) so a voxelised
-    disk of diameter D measures D. Hand-written because scikit-image (not a dependency) gives
+    The longest diameter joins two convex-hull vertices of the pixel centres, and each extent
+    gets one pixel footprint (``hypot(du*su, dv*sv)`` along unit direction ``(du, dv)``) so a
+    voxelised disk of diameter D measures D within a pixel. The phantom's training labels are
+    measured with it too. Hand-written because scikit-image (not a dependency) gives
     the Feret diameter but neither the perpendicular one nor endpoints. The perpendicular line is
     placed through the pixels' centroid.
     """
@@ -520,14 +530,9 @@ def measure_segmentation(
 
 def set_measurable(lesion: Lesion, criteria: MeasurableCriteria) -> Lesion:
     """Set ``measurable`` and ``why_not_measurable`` from the lesion's current diameters."""
-    need = criteria.min_diameter_for(lesion.slice_thickness_mm)
-    reasons = []
-    if min(lesion.d1_mm, lesion.d2_mm) < need:
-        reasons.append(f"a diameter is below {need:g} mm")
-    if lesion.n_slices < criteria.min_slices:
-        reasons.append(f"seen on {lesion.n_slices} axial slice(s), fewer than {criteria.min_slices}")
-    lesion.measurable = not reasons
-    lesion.why_not_measurable = "; ".join(reasons)
+    lesion.why_not_measurable = criteria.why_not(lesion.d1_mm, lesion.d2_mm, lesion.n_slices,
+                                                 lesion.slice_thickness_mm)
+    lesion.measurable = not lesion.why_not_measurable
     return lesion
 
 
@@ -715,32 +720,20 @@ def measure_prediction(outdir: Path | str, source: str = "auto", criteria: Measu
                        margin_mm: float = 2.0) -> PairMeasurement:
     """Measure the case of a ``rano-response predict`` output folder: the studies named in its
     ``prediction.json`` and its ``followup_to_baseline.tfm``."""
+    # imported here: the pipeline imports torch, which measuring does not otherwise need
+    from RANOResponseLib.inference.pipeline import PREDICTION_JSON, TRANSFORM_FILE, read_prediction
+
     outdir = Path(outdir)
     pred = read_prediction(outdir)
     try:
         base = Path(next(iter(pred["inputs"]["baseline"].values()))).parent
         fu = Path(next(iter(pred["inputs"]["followup"].values()))).parent
     except (KeyError, StopIteration, TypeError, AttributeError):
-        raise RANOInputError(f"{outdir / 'prediction.json'}: no 'inputs' naming the two studies") from None
+        raise RANOInputError(f"{outdir / PREDICTION_JSON}: no 'inputs' naming the two studies") from None
     fb, _ = find_pair_segmentations(base, fu, source)
-    tfm = outdir / PREDICTION_TRANSFORM
+    tfm = outdir / TRANSFORM_FILE
     transform = tfm if (fb.space == "native" and tfm.is_file()) else None  # it relates the native images
     return measure_timepoints(base, fu, transform, fb.source, criteria, margin_mm)
-
-
-def read_prediction(outdir: Path | str) -> dict:
-    """``prediction.json`` of a predict output folder (or the file itself)."""
-    p = Path(outdir)
-    p = p / "prediction.json" if p.is_dir() else p
-    if not p.is_file():
-        raise RANOInputError(f"{p}: prediction.json not found (is this a `rano-response predict` output folder?)")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RANOInputError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(d, dict) or "probabilities" not in d or "label" not in d:
-        raise RANOInputError(f"{p}: not a prediction (needs 'label' and 'probabilities')")
-    return d
 
 
 def with_diameters(m: TimepointMeasurement, diameters: dict[int, tuple[float, float]],

@@ -1,32 +1,41 @@
 """Rule-based RANO response from lesion measurements, with its reasoning in plain sentences.
 
-Two readings of the same measurements:
+This module holds the one RANO decision table of the project (:func:`rano_decision`): the review
+panel, ``rano-response measure``, the report, the comparison with the network and the phantom's
+training labels all go through it. Two readings of the same measurements:
 
 * RANO (Wen et al. 2010), bidimensional: sum of the products of perpendicular diameters (SPD)
-  of the measurable enhancing lesions. CR: all enhancing disease gone; PR: SPD change <= -50 %;
-  PD: SPD change >= +25 % or a new measurable lesion; SD otherwise.
-* RANO 2.0 volumetric (Wen et al. 2023): enhancing volume of the measurable lesions.
-  PR <= -65 %, PD >= +40 %, same CR and new-lesion rules.
+  of the measurable enhancing lesions.
+* RANO 2.0 volumetric (Wen et al. 2023): enhancing volume of the measurable lesions, with its
+  own thresholds (:class:`RANOThresholds`).
 
-Conventions (the same as the phantom's labels, :func:`phantom.rano_label`): the comparison is
-against the pair's baseline (the previous scan), not the nadir; with no measurable disease at
-baseline, measurable disease at follow-up is PD. Unlike :func:`phantom.rano_label`, CR needs
-*every* enhancing lesion gone (measurable or not), as RANO says; a measurable-disease drop to
-zero with non-measurable enhancement left is PR. What images cannot tell (T2/FLAIR
-progression, steroids, clinical status, confirmation scans) is listed, never guessed.
+The table, first matching row wins:
+
+1. a new measurable enhancing lesion: PD;
+2. no enhancing disease left at all, measurable or not: CR (RANO's CR needs *every* enhancing
+   lesion gone; a measurable sum of 0 with non-measurable enhancement left is not CR);
+3. no measurable disease at baseline: PD if there is measurable disease now, else SD
+   (non-measurable enhancing disease only; its change cannot be measured);
+4. sum up by at least the progression threshold (+25 % SPD, +40 % volume): PD;
+5. sum down by at least the response threshold (-50 % SPD, -65 % volume): PR;
+6. otherwise SD.
+
+The comparison is against the pair's baseline (the previous scan), not the nadir. What images
+cannot tell (T2/FLAIR progression, steroids, clinical status, the confirmation scan that CR and
+PR require) is listed, never guessed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.rano.measurement import Lesion, PairMeasurement, read_prediction
+from RANOResponseLib.rano.measurement import Lesion, PairMeasurement
 
-CATEGORIES = ("CR", "PR", "SD", "PD")
 CRITERIA = ("RANO", "RANO 2.0 volumetric")
 _CRITERIA_ALIASES = {"rano": "RANO", "rano2": "RANO 2.0 volumetric", "rano 2.0": "RANO 2.0 volumetric",
                      "volumetric": "RANO 2.0 volumetric", "rano 2.0 volumetric": "RANO 2.0 volumetric"}
@@ -36,7 +45,7 @@ NOT_ASSESSED = ("Not assessed from the segmentations: T2/FLAIR non-enhancing pro
 
 @dataclass(frozen=True)
 class RANOThresholds:
-    """Percent changes that separate the categories."""
+    """Percent changes that separate the categories (the only copy of RANO's thresholds)."""
 
     pr_percent: float = -50.0  # SPD
     pd_percent: float = 25.0
@@ -119,34 +128,80 @@ def _where(le: Lesion) -> str:
     return f"{le.describe()}, {le.enhancing_ml:.2f} mL"
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One reading of the decision table: the category, the percent change and the row that decided."""
+
+    category: str
+    change_percent: float | None  # None without measurable disease at baseline
+    row: str  # one of ROWS
+
+
+ROWS = ("new lesion", "no enhancing disease", "measurable from none", "non-measurable only", "growth",
+        "shrinkage", "stable")
+
+
+def rano_decision(before: float, after: float, enhancing_left: bool, new_measurable: bool,
+                  pr_percent: float = RANOThresholds.pr_percent,
+                  pd_percent: float = RANOThresholds.pd_percent) -> Decision:
+    """The RANO decision table (module docstring) on plain numbers; pure.
+
+    Args:
+        before, after: sum of the measurable lesions at baseline and follow-up (SPD in mm2, or
+            enhancing volume in mL for the volumetric reading; any non-negative unit).
+        enhancing_left: whether any enhancing lesion, measurable or not, remains at follow-up.
+        new_measurable: whether a measurable enhancing lesion appeared where there was none.
+        pr_percent, pd_percent: the response and progression thresholds (percent change).
+
+    Raises :class:`RANOInputError` for a negative or non-finite sum, and for measurable disease
+    at follow-up with ``enhancing_left`` false (a contradiction).
+    """
+    for name, value in (("sum at baseline", before), ("sum at follow-up", after)):
+        if not math.isfinite(value) or value < 0:
+            raise RANOInputError(f"{name} must be a finite non-negative number, got {value}")
+    if after > 0 and not enhancing_left:
+        raise RANOInputError(f"sum at follow-up is {after:g} but no enhancing disease is left")
+    change = _percent(before, after)
+    if new_measurable:
+        return Decision("PD", change, "new lesion")
+    if not enhancing_left:
+        return Decision("CR", change, "no enhancing disease")
+    if before <= 0:
+        return Decision("PD", change, "measurable from none") if after > 0 else Decision(
+            "SD", change, "non-measurable only")
+    assert change is not None
+    if change >= pd_percent:
+        return Decision("PD", change, "growth")
+    if change <= pr_percent:
+        return Decision("PR", change, "shrinkage")
+    return Decision("SD", change, "stable")
+
+
 def _category(x: RuleInputs, before: float, after: float, pr: float, pd: float, unit: str,
               what: str) -> tuple[str, float | None, list[str]]:
-    """One reading (SPD or volume) of the decision table; returns (category, change, sentences)."""
-    change = _percent(before, after)
-    if x.new_measurable:
-        return "PD", change, [f"{what}: PD because of a new measurable lesion ({'; '.join(x.new_measurable)})."]
-    if x.enhancing_followup == 0:
-        if x.enhancing_baseline == 0:
-            return "CR", change, [f"{what}: CR - no enhancing disease at either timepoint."]
-        return "CR", change, [f"{what}: CR - all enhancing disease has resolved "
-                              f"({x.enhancing_baseline} lesion(s) at baseline, none now)."]
-    if before <= 0:
-        if after > 0:
-            return "PD", change, [f"{what}: PD - no measurable disease at baseline, measurable disease now "
-                                  f"({after:.1f} {unit})."]
-        return "SD", change, [f"{what}: SD - non-measurable enhancing disease only "
-                              f"({x.enhancing_followup} lesion(s)); the change cannot be measured."]
-    assert change is not None
-    text = f"{what}: {before:.1f} -> {after:.1f} {unit} ({change:+.1f} %)"
-    if change >= pd:
-        return "PD", change, [f"{text}, at or above the {pd:+g} % progression threshold: PD."]
-    if change <= pr:
-        sentences = [f"{text}, at or below the {pr:+g} % response threshold: PR."]
-        if after == 0:
-            sentences.append(f"{what}: not CR, because {x.enhancing_followup} non-measurable enhancing "
-                             "lesion(s) remain.")
-        return "PR", change, sentences
-    return "SD", change, [f"{text}, between {pr:+g} % and {pd:+g} %: SD."]
+    """One reading (SPD or volume) of :func:`rano_decision`, with its sentences."""
+    d = rano_decision(before, after, x.enhancing_followup > 0, bool(x.new_measurable), pr, pd)
+    text = f"{what}: {before:.1f} -> {after:.1f} {unit}" + (
+        f" ({d.change_percent:+.1f} %)" if d.change_percent is not None else "")
+    sentences = {
+        "new lesion": f"{what}: PD because of a new measurable lesion ({'; '.join(x.new_measurable)}).",
+        "no enhancing disease": (f"{what}: CR - no enhancing disease at either timepoint."
+                                 if x.enhancing_baseline == 0 else
+                                 f"{what}: CR - all enhancing disease has resolved "
+                                 f"({x.enhancing_baseline} lesion(s) at baseline, none now)."),
+        "measurable from none": f"{what}: PD - no measurable disease at baseline, measurable disease now "
+                                f"({after:.1f} {unit}).",
+        "non-measurable only": f"{what}: SD - non-measurable enhancing disease only "
+                               f"({x.enhancing_followup} lesion(s)); the change cannot be measured.",
+        "growth": f"{text}, at or above the {pd:+g} % progression threshold: PD.",
+        "shrinkage": f"{text}, at or below the {pr:+g} % response threshold: PR.",
+        "stable": f"{text}, between {pr:+g} % and {pd:+g} %: SD.",
+    }
+    reasons = [sentences[d.row]]
+    if d.row == "shrinkage" and after == 0:
+        reasons.append(f"{what}: not CR, because {x.enhancing_followup} non-measurable enhancing "
+                       "lesion(s) remain.")
+    return d.category, d.change_percent, reasons
 
 
 def decide_inputs(x: RuleInputs, thresholds: RANOThresholds | None = None, criteria: str = "RANO") -> RuleResult:
@@ -208,9 +263,13 @@ class Comparison:
 
 
 def _prediction_dict(prediction: Any) -> dict:
+    """A prediction summary from whatever form the caller holds (read with the pipeline's reader)."""
     if hasattr(prediction, "summary"):  # pipeline.PairResult
         return prediction.summary()
     if isinstance(prediction, (str, Path)):
+        # imported here: the pipeline imports torch, which the rules need only for this
+        from RANOResponseLib.inference.pipeline import read_prediction
+
         return read_prediction(prediction)
     if isinstance(prediction, Mapping) and "label" in prediction and "probabilities" in prediction:
         return dict(prediction)

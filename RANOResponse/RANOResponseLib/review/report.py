@@ -30,7 +30,8 @@ import SimpleITK as sitk
 
 from RANOResponseLib import __version__
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.rano.measurement import PairMeasurement, read_prediction
+from RANOResponseLib.inference.pipeline import TRANSFORM_FILE, read_prediction
+from RANOResponseLib.rano.measurement import PairMeasurement
 
 A4 = (8.27, 11.69)
 FONT = 11
@@ -201,7 +202,7 @@ def _load_images(inputs: ReportInputs) -> dict[str, Any]:
     fu_files = pred["inputs"]["followup"]
     ref_mod = reference_modality(base_files)
     reference = read_image(base_files[ref_mod])
-    tfm = inputs.prediction_dir / "followup_to_baseline.tfm"
+    tfm = inputs.prediction_dir / TRANSFORM_FILE
     transform = load_transform(tfm) if tfm.is_file() else None
     if transform is None:
         inputs.notes.append(f"{tfm}: missing; follow-up shown without registration.")

@@ -216,7 +216,7 @@ def make_verdict(
     """A verdict on ``case``; ``label=None`` means "agree with the model" (needs ``prediction``).
 
     ``prediction``: a ``prediction.json`` summary (or ``PairResult.summary()``); ``rule``: a
-    :class:`rano_rules.RuleResult` or a category string.
+    :class:`~RANOResponseLib.rano.rules.RuleResult` or a category string.
     """
     model_label, probs, bundle_id = "", {}, ""
     if prediction is not None:
@@ -546,7 +546,7 @@ class ReviewSession:
         """The current case's ``prediction.json`` if the worklist names a predict output folder."""
         if not self.current.prediction:
             return None
-        from RANOResponseLib.rano.measurement import read_prediction
+        from RANOResponseLib.inference.pipeline import read_prediction  # imports torch: only when needed
 
         return read_prediction(self.current.prediction)
 
