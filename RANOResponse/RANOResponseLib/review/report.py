@@ -45,8 +45,8 @@ class ReportInputs:
     prediction_dir: Path
     prediction: dict
     pair: PairMeasurement | None = None
-    rule: Any = None  # rano_rules.RuleResult
-    comparison: Any = None  # rano_rules.Comparison
+    rule: Any = None  # rano.rules.RuleResult
+    comparison: Any = None  # rano.rules.Comparison
     verdicts: list = field(default_factory=list)  # review.Verdict, latest per reviewer
     revisions: int = 0
     model_card: list[str] = field(default_factory=list)
