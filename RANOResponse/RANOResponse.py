@@ -111,7 +111,9 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for device, label in gpu_choices():
             self.ui.deviceComboBox.addItem(label, device)
-        self.ui.verdictComboBox.addItems(["CR", "PR", "SD", "PD"])
+        from RANOResponseLib.core.names import CLASS_NAMES
+
+        self.ui.verdictComboBox.addItems(list(CLASS_NAMES))
 
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
