@@ -29,7 +29,7 @@ CUDA = torch.cuda.is_available()
 STAGES = ("read", "register", "crop_resample", "inference", "attributions", "write")
 SLICES = {"slice_axial.png", "slice_coronal.png", "slice_sagittal.png"}
 ALL_OUTPUTS = {"prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png",
-               *SLICES, "scene"}
+               "brain_mask.nii.gz", *SLICES, "scene"}
 
 
 def _predict_args(baseline: Path, followup: Path, out: Path, *extra: str) -> list[str]:
@@ -84,6 +84,19 @@ def test_prediction_json(predict_run, tiny_models):
     assert grid["placed"] == "brain" and grid["size"] == list(bundle.spec.size)
     assert grid["fov_mm"] == [n * d for n, d in zip(bundle.spec.size, bundle.spec.spacing)]
     assert s["inputs"]["baseline"]["CT1"] == str(modality_file(predict_run.result.baseline.folder, "CT1"))
+    # the phantom is skull-stripped: its brain is its non-zero region, every sequence shares CT1's grid
+    for tp in ("baseline", "followup"):
+        study = s["inputs"]["studies"][tp]
+        assert study["brain_mask"]["method"] == "stripped" and study["brain_mask"]["stripped"] is True
+        assert 700 < study["brain_mask"]["volume_ml"] < 2500
+        assert {m: q["alignment"]["method"] for m, q in study["sequences"].items()} == \
+            {"CT1": "reference", "T1": "same grid", "T2": "same grid", "FLAIR": "same grid"}
+        assert all(q["slice_thickness_mm"] == 4.0 for q in study["sequences"].values())  # the 4 mm phantom
+    assert 0.9 < s["inputs"]["registration"]["brain_dice"] <= 1.0
+    assert set(s["inputs"]["channels"]) == {str(c) for c in bundle.spec.channels}
+    # the tiny test bundle records no input statistics: nothing to compare with, said so
+    reasons = s["input_check"]["reasons"]
+    assert s["input_check"]["verdict"] == "warning" and len(reasons) == 1 and "no input statistics" in reasons[0]
     assert "not for clinical use" in s["note"]
     np.testing.assert_allclose(list(probs.values()), predict_run.result.prediction.probabilities, atol=1e-6)
 
@@ -134,8 +147,35 @@ def test_maps_on_baseline_ct1_grid(predict_run, case_pair, name):
     assert np.isfinite(arr).all()
     assert arr.min() >= 0 and arr.max() <= 1 + 1e-6
     assert arr.max() > 0.1
-    brain = sitk.GetArrayFromImage(ct1) != 0
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(predict_run.out / "brain_mask.nii.gz"))) > 0
     assert np.all(arr[~brain] == 0)
+
+
+@pytest.mark.slow
+def test_brain_mask_file(predict_run, case_pair):
+    """brain_mask.nii.gz: on the baseline CT1 grid, the stripped phantom's non-zero region with
+    its holes filled (computed here with scipy), and the same mask is the scene's brain segment."""
+    from scipy import ndimage
+
+    ct1 = sitk.ReadImage(str(modality_file(case_pair.baseline, "CT1")))
+    mask = sitk.ReadImage(str(predict_run.out / "brain_mask.nii.gz"))
+    assert (mask.GetSize(), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection()) == \
+        (ct1.GetSize(), ct1.GetSpacing(), ct1.GetOrigin(), ct1.GetDirection())
+    truth = ndimage.binary_fill_holes(sitk.GetArrayFromImage(ct1) != 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask) > 0, truth)
+
+    from RANOResponseLib.mrml.scene import read_scene
+
+    scene = read_scene(predict_run.out / "scene" / "RANOResponse.mrml")
+    segs = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+    assert [n.GetName() for n in segs] == ["RANO brain mask"]
+    segmentation = segs[0].GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "Brain"
+    import slicer
+
+    voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segs[0], segmentation.GetNthSegmentID(0))
+    assert int(voxels.astype(bool).sum()) == int(truth.sum())
 
 
 @pytest.mark.slow
@@ -168,11 +208,11 @@ def test_overlay_png(predict_run, name):
 
 @pytest.mark.slow
 def test_progress_reported_in_order(predict_run):
-    """Progress is reported as each stage completes: read -> registered -> resampled ->
-    predicted -> written, with strictly rising fractions ending at 1."""
+    """Progress is reported as each stage completes: read -> brain masks -> aligned -> registered
+    -> resampled -> predicted -> written, with strictly rising fractions ending at 1."""
     names = [s for s, _ in predict_run.stages]
     fracs = [f for _, f in predict_run.stages]
-    assert names == ["read", "registered", "resampled", "predicted", "written"]
+    assert names == ["read", "brain masks", "aligned", "registered", "resampled", "predicted", "written"]
     assert fracs == sorted(set(fracs)) and 0.0 < fracs[0] and fracs[-1] == 1.0
 
 
@@ -225,12 +265,14 @@ def test_cli_no_maps(tmp_path, case_pair, tiny_bundle, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.err == ""
-    assert {p.name for p in out.iterdir()} == {"prediction.json", "followup_to_baseline.tfm", "scene"}
+    assert {p.name for p in out.iterdir()} == {"prediction.json", "followup_to_baseline.tfm", "brain_mask.nii.gz",
+                                              "scene"}
     s = json.loads((out / "prediction.json").read_text())
     assert s["maps_explain"] is None
     assert "attributions" not in s["timings_s"]
     assert s["label"] == max(s["probabilities"], key=s["probabilities"].get)
     assert f"label: {s['label']}" in captured.out
+    assert "input check: warning" in captured.out.splitlines()  # the tiny bundle records no input statistics
 
 
 # ------------------------------------------------------------------------ CLI, bad input
@@ -361,4 +403,4 @@ def test_rerun_into_same_out_leaves_no_stale_outputs(tmp_path, case_pair, tiny_b
     (out / "notes.txt").write_text("mine")
     run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", attributions=False, writers=output_writers(pictures=False))
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["followup_to_baseline.tfm", "notes.txt", "prediction.json", "scene"]
+    assert names == ["brain_mask.nii.gz", "followup_to_baseline.tfm", "notes.txt", "prediction.json", "scene"]

@@ -23,7 +23,7 @@ from RANOResponseLib.imaging.preprocessing import (
     prepare_pair,
     to_reference,
 )
-from RANOResponseLib.imaging.registration import RegistrationResult, register_rigid
+from RANOResponseLib.imaging.registration import RegistrationResult, align_study, brain_mask, register_rigid
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -242,6 +242,23 @@ def test_normalize():
         normalize(arr, "minmax")
 
 
+def test_normalize_inside_a_mask():
+    """With a mask the z-score runs over the mask (zeros inside it included), 0 outside it,
+    whatever the values there: a noisy background does not change the brain's values."""
+    rng = np.random.default_rng(1)
+    arr = rng.normal(5, 1, (12, 12, 12)).astype(np.float32)  # noise everywhere
+    mask = np.zeros(arr.shape, bool)
+    mask[3:9, 3:9, 3:9] = True
+    arr[mask] = rng.normal(100, 20, int(mask.sum()))
+    out = normalize(arr, "zscore", clip=5.0, mask=mask)
+    assert np.all(out[~mask] == 0)
+    v = arr[mask]
+    np.testing.assert_allclose(out[mask], np.clip((v - v.mean()) / v.std(), -5, 5), atol=1e-5)
+    other = arr.copy()
+    other[~mask] = 1000.0
+    np.testing.assert_array_equal(normalize(other, mask=mask), out)
+
+
 def test_channel_parsing_and_default_order():
     """Channels are '<modality>:followup|baseline'; the default order is follow-up then baseline."""
     assert [str(c) for c in default_channels(("CT1", "T1"))] == ["CT1:followup", "CT1:baseline",
@@ -303,3 +320,100 @@ def test_to_reference_keeps_positions_and_masks(known_motion):
     brain = sitk.GetArrayViewFromImage(ref) != 0
     assert np.all(o[~brain] == 0)
     assert o[brain].max() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------- brains and sequences
+
+
+def _noisy_background(study: Study, seed: int) -> tuple[Study, sitk.Image]:
+    """The study with noise outside its brain (CT1's non-zero voxels), and that brain mask."""
+    rng = np.random.default_rng(seed)
+    background = sitk.GetArrayViewFromImage(study.images["CT1"]) == 0
+    images = {}
+    for m, img in study.images.items():
+        arr = sitk.GetArrayFromImage(img)
+        arr[background] = rng.uniform(1.0, 50.0, int(background.sum()))
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        images[m] = out
+    return Study(study.folder, images), brain_mask(study.images["CT1"])
+
+
+def test_prepare_pair_with_brain_masks_ignores_the_background(known_motion):
+    """Given the brain masks, a study with a noisy background gives exactly the skull-stripped
+    study's network input (crop, values inside the brain, zeros outside); without the masks the
+    noise wrecks it (the failure the masks exist for)."""
+    spec = InputSpec(("CT1", "T1", "T2", "FLAIR"), SHUFFLED, spacing=(4.0, 4.0, 4.0), size=(40, 48, 40))
+    base, bmask = _noisy_background(known_motion.baseline, 1)
+    fu, fmask = _noisy_background(known_motion.followup, 2)
+    # the stripped studies with their (T1-defined, non-zero) masks applied
+    clean = prepare_pair(known_motion.baseline, known_motion.followup, known_motion.transform.GetInverse(), spec,
+                         masks=(bmask, fmask))
+    noisy = prepare_pair(base, fu, known_motion.transform.GetInverse(), spec, masks=(bmask, fmask))
+    np.testing.assert_allclose(noisy.array, clean.array, atol=1e-5)
+    assert noisy.grid.GetOrigin() == clean.grid.GetOrigin()
+    for tp in ("baseline", "followup"):
+        np.testing.assert_array_equal(noisy.brains[tp], clean.brains[tp])
+        assert 0.05 < noisy.brains[tp].mean() < 0.9
+    for i, ch in enumerate(SHUFFLED):
+        assert np.all(noisy.array[i][~noisy.brains[ch.timepoint]] == 0), ch
+    unmasked = prepare_pair(base, fu, known_motion.transform.GetInverse(), spec)
+    assert np.abs(unmasked.array - clean.array).mean() > 0.3
+
+
+def test_align_study_leaves_a_shared_grid_alone(known_motion):
+    """Sequences on the reference's grid are taken as they are: no registration, same images."""
+    study = known_motion.baseline
+    aligned, records = align_study(study, brain_mask(study.images["CT1"]), "CT1")
+    assert all(aligned.images[m] is study.images[m] for m in study.images)
+    assert records == {m: {"method": "same grid"} for m in ("T1", "T2", "FLAIR")}
+
+
+def test_align_study_registers_a_thick_moved_sequence(known_motion, icbm_hires):
+    """A T2 acquired on its own thick-slice grid (1.5 x 1.5 x 6 mm, other field of view) after a
+    known small head motion is registered onto CT1's grid to < 1 mm mean error; a FLAIR whose
+    field of view misses part of the brain reports that coverage."""
+    base = known_motion.baseline
+    ref = base.images["CT1"]
+    centre = ref.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ref.GetSize()])
+    motion = sitk.Euler3DTransform(centre, np.radians(3.0), np.radians(-2.0), np.radians(4.0), (4.0, -3.0, 5.0))
+    thick = sitk.Image([140, 160, 30], sitk.sitkFloat32)
+    thick.SetSpacing((1.5, 1.5, 6.0))
+    thick.SetDirection(ref.GetDirection())
+    thick.SetOrigin([o - d for o, d in zip(ref.GetOrigin(), (8.0, 10.0, 6.0))])
+    smooth = sitk.SmoothingRecursiveGaussian(icbm_hires["T2"], (0.5, 0.5, 2.5))
+    t2 = sitk.Resample(smooth, thick, motion, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    half = sitk.Image(thick)
+    half.SetOrigin([o + d for o, d in zip(thick.GetOrigin(), (0.0, 0.0, 95.0))])  # starts near the brain's middle
+    flair = sitk.Resample(icbm_hires["FLAIR"], half, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    study = Study(Path("thick"), {"CT1": ref, "T1": base.images["T1"], "T2": t2, "FLAIR": flair})
+    mask = brain_mask(ref)
+    aligned, records = align_study(study, mask, "CT1")
+    assert records["T1"] == {"method": "same grid"}
+    assert records["T2"]["method"] == "registered" and records["T2"]["coverage"] > 0.99
+    assert 0.2 < records["FLAIR"]["coverage"] < 0.8
+    for m in ("T2", "FLAIR"):
+        img = aligned.images[m]
+        assert (img.GetSize(), img.GetOrigin(), img.GetSpacing(), img.GetDirection()) == \
+            (ref.GetSize(), ref.GetOrigin(), ref.GetSpacing(), ref.GetDirection())
+    recovered = sitk.Euler3DTransform()
+    recovered.SetCenter(records["T2"]["center_mm"])
+    recovered.SetRotation(*np.radians(records["T2"]["rotation_deg"]))
+    recovered.SetTranslation(records["T2"]["translation_mm"])
+    # the thick T2 at point q shows the anatomy at motion(q): a perfect result R has motion(R(p)) == p
+    err = _mean_error_mm(known_motion.brain_points, recovered, motion)
+    assert err.mean() < 1.0, err.mean()
+    before = _mean_error_mm(known_motion.brain_points, sitk.Euler3DTransform(), motion)
+    assert before.mean() > 5.0
+
+
+def test_to_reference_masks_by_the_brain_mask(known_motion):
+    """With a brain mask the map is 0 outside that mask (and kept inside it)."""
+    ref = known_motion.baseline.images["CT1"]
+    grid = model_grid(ref, (6.0, 6.0, 6.0), (32, 32, 32))
+    box = np.zeros(tuple(reversed(ref.GetSize())), np.uint8)
+    box[10:20, 15:30, 20:40] = 1
+    brain = sitk.GetImageFromArray(box)
+    brain.CopyInformation(ref)
+    out = sitk.GetArrayFromImage(to_reference(np.ones((32, 32, 32), np.float32), grid, ref, brain=brain))
+    assert np.all(out[box == 0] == 0) and np.all(out[box == 1] == pytest.approx(1.0))

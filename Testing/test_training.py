@@ -306,6 +306,9 @@ def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, cohort, case_pair, 
     assert len(bundle.weights) == 3 and bundle.spec.size == (32, 32, 32)
     assert bundle.meta["training"]["command"] and bundle.meta["training"]["device"] == "cpu"
     assert bundle.meta["metrics"]["cv"]["cnn"]["folds"] == 3
+    stats = bundle.input_statistics  # what the training inputs looked like, for predict's input guard
+    assert stats["pairs"] == len(pd.read_csv(out / "folds.csv")) and stats["stripped_fraction"] == 1.0
+    assert set(stats["channels"]) == {str(c) for c in bundle.spec.channels}
     card = (out / "bundle" / "MODEL_CARD.md").read_text()
     assert card.count("Not for clinical use") == 1 and "| cnn | balanced accuracy |" in card
     r = predict_pair(case_pair.baseline, case_pair.followup, bundle, "cpu", attributions=True, notice=lambda m: None)

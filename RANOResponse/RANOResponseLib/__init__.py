@@ -14,10 +14,13 @@ same functions. Sub-packages, lowest first; each may import only those listed be
 - :mod:`~RANOResponseLib.mrml`       the Slicer scene (MRML nodes, slice views, the child process)
 - :mod:`~RANOResponseLib.phantom`    synthetic LUMIERE-like cohorts (tests, demos; not the runtime)
 
-Data path: study folder -> :func:`imaging.io.read_study` -> :func:`imaging.registration.register_rigid`
--> :func:`imaging.preprocessing.prepare_pair` (model grid, normalised, stacked channels) ->
-:mod:`model` / :mod:`inference.attributions` -> maps resampled onto the baseline grid -> files
-written atomically (:mod:`inference.pipeline`). :mod:`cli` (the core's commands), :mod:`demo` and :mod:`bench`
+Data path: study folder (NIfTI/NRRD or DICOM) -> :func:`imaging.studies.load_study` ->
+:func:`inference.inputs.prepare_inputs` (brain masks, each study's sequences aligned by
+:func:`imaging.registration.align_study`, :func:`imaging.registration.register_rigid`,
+:func:`imaging.preprocessing.prepare_pair`: model grid, normalised inside the brain, stacked
+channels) -> :mod:`inference.guard` (refuse or warn) -> :mod:`model` / :mod:`inference.attributions`
+-> maps resampled onto the baseline grid, masked by the brain -> files written atomically
+(:mod:`inference.pipeline`). :mod:`cli` (the core's commands), :mod:`demo` and :mod:`bench`
 sit on top. Nothing here imports ``ResponseTrainingLib``.
 """
 

@@ -2,6 +2,8 @@
 
     rano-response phantom  --out DIR --patients N --seed S [--spacing MM]
     rano-response predict  --baseline DIR --followup DIR --out OUT [--bundle B] [--device D] [--roi-center R,A,S]
+                           [--series MOD=UID|DESCRIPTION ...] [--series-rules FILE] [--allow-different]
+                           [--brain-mask auto|model|none|FILE|BASE,FOLLOW]
     rano-response bench    [--runs 3] [--spacing 1]
     rano-response measure  --baseline DIR --followup DIR | --prediction OUT [--out measurements.json]
     rano-response review   import|add|status|export --db DB [...]
@@ -41,8 +43,14 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from RANOResponseLib.imaging.dicom import load_rules, parse_series_overrides
+    from RANOResponseLib.imaging.studies import describe_sources
     from RANOResponseLib.inference.pipeline import run_predict
     from RANOResponseLib.mrml.outputs import output_writers
+
+    # checked before anything is read, so a typo is one line even when the studies are NIfTI
+    args.series = parse_series_overrides(args.series)
+    args.series_rules = load_rules(args.series_rules) if args.series_rules is not None else None
 
     def progress(stage: str, frac: float) -> None:
         if not args.quiet:
@@ -52,10 +60,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                 device=args.device, attributions=not args.no_maps,
                                 progress=progress, roi_center=args.roi_center,
                                 writers=output_writers(pictures=not (args.no_maps or args.no_pictures),
-                                                       scene=not args.no_scene))
+                                                       scene=not args.no_scene),
+                                brain_mask=args.brain_mask, series=args.series, series_rules=args.series_rules,
+                                allow_different=args.allow_different)
+    if not args.quiet:
+        for role, study in (("baseline", result.baseline), ("follow-up", result.followup)):
+            print(describe_sources(study, f"{role} {study.folder}"), file=sys.stderr)
     probs = "  ".join(f"{c}={p:.3f}" for c, p in result.probabilities.items())
     print(f"label: {result.label}")
     print(f"probabilities: {probs}")
+    print(f"input check: {result.input_check['verdict']}")
+    for reason in result.input_check["reasons"]:
+        print(f"  - {reason}")
     print(f"device: {result.device}   total {sum(v for k, v in result.timings.items() if k != 'total'):.1f} s")
     print(f"outputs in {Path(args.out).absolute()}:")
     for name, path in files.items():
@@ -272,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-scene", action="store_true", help="do not write the Slicer scene (scene/RANOResponse.mrml)")
     pr.add_argument("--no-pictures", action="store_true",
                     help="do not render overlay.png and the slice views (the maps are still written)")
+    pr.add_argument("--series", action="append", default=[], metavar="MOD=VALUE",
+                    help="DICOM study folders: the series to use for a modality, by SeriesInstanceUID or "
+                         "SeriesDescription (repeatable; e.g. --series \"CT1=AX T1 POST GD\")")
+    pr.add_argument("--series-rules", type=Path, default=None, metavar="FILE",
+                    help="DICOM study folders: JSON rules that assign series to CT1/T1/T2/FLAIR "
+                         "(default: the built-in rules, RANOResponseLib.imaging.dicom.DEFAULT_RULES)")
+    pr.add_argument("--allow-different", action="store_true",
+                    help="accept DICOM baseline and follow-up studies of different PatientIDs")
+    pr.add_argument("--brain-mask", default="auto", metavar="auto|model|none|FILE|BASE,FOLLOW",
+                    help="how each study's brain is found: auto (skull-stripped images: their non-zero region; "
+                         "others: HD-BET), model (always HD-BET), none (every non-zero voxel), a mask file name "
+                         "inside each study folder, or two mask files BASE,FOLLOW (default auto)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_predict)
 

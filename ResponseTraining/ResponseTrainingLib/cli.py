@@ -202,6 +202,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_input_stats(args: argparse.Namespace) -> int:
+    from ResponseTrainingLib.data.dataset import add_input_statistics
+
+    stats = add_input_statistics(args.bundle, args.data, args.cache, every=args.every, device=args.device)
+    vol, thick = stats["brain_volume_ml"], stats["slice_thickness_mm"]
+    print(f"input_statistics from {stats['pairs']} pairs (of {stats['data']['pairs_available']}): brain "
+          f"{vol['min']:.0f}-{vol['max']:.0f} ml, slices up to {thick['max']:.2f} mm, registration Dice >= "
+          f"{stats['registration_brain_dice']['min']:.3f}")
+    print(f"written: {Path(args.bundle).absolute() if args.bundle else 'the default bundle'} (bundle.json)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> dict:
     """The training commands as a plugin of :func:`RANOResponseLib.cli.main`: ``evaluate`` is
     parsed there; ``train`` parses its own arguments (:func:`main`)."""
@@ -211,6 +223,14 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ev.add_argument("--out", required=True, type=Path)
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_cmd_evaluate)
+    st = sub.add_parser("input-stats", help="record a bundle's input_statistics (what predict's input guard "
+                        "compares with) from the LUMIERE-layout cohort it was trained on")
+    st.add_argument("--bundle", type=Path, default=None)
+    st.add_argument("--data", required=True, type=Path)
+    st.add_argument("--cache", required=True, type=Path, help="preprocessing cache (shared with train --cache)")
+    st.add_argument("--every", type=int, default=1, help="use every n-th pair only (a faster, documented subset)")
+    st.add_argument("--device", default="cpu", help="where brain extraction runs for studies not skull-stripped")
+    st.set_defaults(func=_cmd_input_stats)
     sub.add_parser("train", help="train and export a bundle (see `rano-response train --help`)", add_help=False)
     return {"train": main}
 

@@ -11,6 +11,8 @@ import numpy as np
 # map kind -> (display name, matplotlib colour map)
 MAP_KINDS: dict[str, tuple[str, str]] = {"gradcam": ("Grad-CAM", "inferno"), "saliency": ("Saliency", "viridis")}
 MAP_THRESHOLD = 0.2
+# the brain mask as a segment: its name and colour (RGB 0..1); slice views draw its outline only
+BRAIN_SEGMENT: tuple[str, tuple[float, float, float]] = ("Brain", (0.35, 0.75, 0.95))
 WINDOW_PERCENTILES = (0.5, 99.9)
 
 

@@ -21,25 +21,32 @@ def ras_to_lps(point: Sequence[float]) -> tuple[float, float, float]:
 lps_to_ras = ras_to_lps
 
 
+def mask_center(mask: sitk.Image) -> tuple[float, float, float]:
+    """The physical (LPS) centre of the bounding box of a mask's non-zero voxels.
+
+    Raises :class:`RANOInputError` for an empty mask (no brain to centre on)."""
+    arr = sitk.GetArrayViewFromImage(mask)
+    nz = np.nonzero(arr)
+    if len(nz[0]) == 0:
+        raise RANOInputError("reference image has no brain voxels")
+    lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
+    hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
+    corners = np.array([mask.TransformContinuousIndexToPhysicalPoint(c) for c in itertools.product(*zip(lo, hi))])
+    return tuple(float(v) for v in (corners.min(0) + corners.max(0)) / 2)  # type: ignore[return-value]
+
+
 def model_grid(reference: sitk.Image, spacing: Sequence[float], size: Sequence[int],
                center: Sequence[float] | None = None) -> sitk.Image:
     """An empty image defining the model grid: ``size`` voxels of ``spacing`` mm, axis-aligned
-    in LPS (identity direction), centred on ``center`` (an LPS physical point, e.g. a crop ROI's
-    centre from :func:`ras_to_lps`) or, by default, on the bounding box of the reference's brain.
+    in LPS (identity direction), centred on ``center`` (an LPS physical point: the brain mask's
+    :func:`mask_center`, or a crop ROI's centre from :func:`ras_to_lps`) or, without one, on the
+    bounding box of the reference's non-zero voxels (a skull-stripped image's brain).
 
     The grid's orientation does not follow the reference's storage order, so the network sees
     the same anatomy orientation whether a study was stored RAS, LPS or oblique.
     """
     if center is None:
-        arr = sitk.GetArrayViewFromImage(reference)
-        nz = np.nonzero(arr)
-        if len(nz[0]) == 0:
-            raise RANOInputError("reference image has no brain voxels")
-        lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
-        hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
-        corners = np.array([reference.TransformContinuousIndexToPhysicalPoint(c)
-                            for c in itertools.product(*zip(lo, hi))])
-        centre = (corners.min(0) + corners.max(0)) / 2
+        centre = np.asarray(mask_center(reference), float)
     else:
         centre = np.asarray(center, float)
         if centre.shape != (3,) or not np.isfinite(centre).all():
@@ -72,3 +79,17 @@ def shrink_to(image: sitk.Image, spacing_mm: float | Sequence[float]) -> sitk.Im
     target = [spacing_mm] * 3 if isinstance(spacing_mm, (int, float)) else list(spacing_mm)
     factors = [max(1, int(t / s + 1e-3)) for t, s in zip(target, image.GetSpacing())]
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def same_space(a: sitk.Image, b: sitk.Image, tolerance_mm: float = 1e-3) -> bool:
+    """Whether two images share one voxel grid: the same size and direction, and spacing and
+    origin equal within ``tolerance_mm`` (then a voxel of one is the same point of the other)."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance_mm)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance_mm))
+
+
+def field_of_view_ml(image: sitk.Image) -> float:
+    """The volume the image covers, in millilitres."""
+    return float(np.prod(image.GetSpacing()) * np.prod(image.GetSize())) / 1000.0

@@ -33,11 +33,19 @@ EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
 @dataclass
 class Study:
-    """One timepoint: modality name -> SimpleITK image (float32), plus where it came from."""
+    """One timepoint: modality name -> SimpleITK image (float32), plus where it came from.
+
+    ``files``: the image file of each modality read from one file (none for a DICOM series).
+    ``sources`` (filled by :func:`RANOResponseLib.imaging.studies.load_study`): per modality, what
+    the image was read from (kind, path, series UID and description, spacing, slice thickness).
+    ``patient``: PatientID, StudyInstanceUID and StudyDate of a DICOM study; empty for files.
+    """
 
     folder: Path
     images: dict[str, sitk.Image]
     files: dict[str, Path] = field(default_factory=dict)
+    sources: dict[str, dict] = field(default_factory=dict)
+    patient: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

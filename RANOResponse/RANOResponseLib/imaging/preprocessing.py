@@ -1,9 +1,10 @@
-"""Registration, crop/resample onto the model grid, normalisation and channel stacking.
+"""Crop/resample onto the model grid, normalisation inside the brain and channel stacking.
 
 All geometry is handled by SimpleITK in physical (LPS) coordinates: the follow-up is registered
 rigidly to the baseline, and both are resampled onto one model grid that lives in the baseline's
-physical space. Maps computed on that grid are resampled back onto the baseline image grid with
-:func:`resample_to_reference`, so they overlay the baseline exactly.
+physical space, centred on the baseline brain; each channel is z-scored inside its brain mask and
+zero outside it. Maps computed on that grid are resampled back onto the baseline image grid with
+:func:`to_reference`, so they overlay the baseline exactly.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import SimpleITK as sitk
 
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.names import REFERENCE_ORDER
-from RANOResponseLib.imaging.geometry import lps_to_ras, model_grid, resample, shrink_to
+from RANOResponseLib.imaging.geometry import lps_to_ras, mask_center, model_grid, resample, shrink_to
 from RANOResponseLib.imaging.io import Study
-from RANOResponseLib.imaging.registration import brain_mask
+from RANOResponseLib.imaging.registration import brain_mask, masked
 
 TIMEPOINTS = ("followup", "baseline")
 DIFFERENCE = "difference"  # a channel kind: z-scored follow-up minus z-scored baseline
@@ -78,11 +79,16 @@ class InputSpec:
         return self.modalities[0]
 
 
-def normalize(arr: np.ndarray, method: str = "zscore", clip: float = 5.0) -> np.ndarray:
-    """Z-score over the brain (non-zero voxels), background stays 0, clipped to ±clip."""
+def normalize(arr: np.ndarray, method: str = "zscore", clip: float = 5.0,
+              mask: np.ndarray | None = None) -> np.ndarray:
+    """Z-score over the brain, zero outside it, clipped to ±clip.
+
+    The brain is ``mask`` (a boolean array of ``arr``'s shape), or without one the non-zero
+    voxels (a skull-stripped image's brain).
+    """
     if method not in NORMALIZATIONS:
         raise ValueError(f"unknown normalisation {method!r}")
-    mask = arr != 0
+    mask = arr != 0 if mask is None else mask
     out = np.zeros_like(arr, dtype=np.float32)
     if mask.sum() < 2:
         return out
@@ -100,22 +106,44 @@ class PreparedPair:
     grid: sitk.Image  # model grid in the baseline's physical space
     channels: tuple[Channel, ...]
     resampled: dict[str, sitk.Image] = field(default_factory=dict)  # "CT1:followup" -> image
+    brains: dict[str, np.ndarray] = field(default_factory=dict)  # timepoint -> brain on the grid (z, y, x)
 
 
 def prepare_pair(
     baseline: Study, followup: Study, transform: sitk.Transform, spec: InputSpec,
     center: Sequence[float] | None = None,
+    masks: tuple[sitk.Image, sitk.Image] | None = None,
 ) -> PreparedPair:
     """Crop and resample both studies onto the model grid, normalise and stack the channels.
+
+    ``masks``: the baseline's and the follow-up's brain masks, on the grid their images share
+    (see :func:`~RANOResponseLib.imaging.registration.align_study`). Each image is then cut to
+    its brain (zero outside, as a skull-stripped image), box-averaged towards the model spacing
+    (anti-aliasing, per axis, so thick slices are averaged in-plane only), resampled onto the
+    model grid and z-scored inside the brain as resampled onto that grid: a study and its
+    skull-stripped copy give the same input. Without masks the images are taken as
+    skull-stripped: each channel's non-zero voxels are its brain.
 
     ``center`` (LPS mm) places the crop, e.g. where a user moved the crop ROI; by default the
     grid is centred on the baseline brain. A crop that misses the brain is refused.
     """
     reference = baseline.images[spec.reference_modality]
-    grid = model_grid(reference, spec.spacing, spec.size, center)
+    on_brain = mask_center(masks[0]) if center is None and masks is not None else None
+    grid = model_grid(reference, spec.spacing, spec.size, center if on_brain is None else on_brain)
     resampled: dict[str, sitk.Image] = {}
+    brains: dict[str, np.ndarray] = {}
     planes = []
     normed: dict[str, np.ndarray] = {}
+
+    def brain(timepoint: str) -> np.ndarray | None:
+        """The timepoint's brain mask on the model grid: where its resampled brain is non-zero."""
+        if masks is None:
+            return None
+        if timepoint not in brains:
+            mask = sitk.Cast(masks[0 if timepoint == "baseline" else 1], sitk.sitkFloat32)
+            t = transform if timepoint == "followup" else None
+            brains[timepoint] = sitk.GetArrayFromImage(resample(shrink_to(mask, spec.spacing), grid, t)) > 0
+        return brains[timepoint]
 
     def plane(modality: str, timepoint: str) -> np.ndarray:
         key = f"{modality}:{timepoint}"
@@ -124,10 +152,13 @@ def prepare_pair(
         study = followup if timepoint == "followup" else baseline
         if modality not in study.images:
             raise RANOInputError(f"{study.folder}: missing modality {modality} required by the model")
+        image = study.images[modality]
+        if masks is not None:
+            image = masked(image, masks[0 if timepoint == "baseline" else 1])
         t = transform if timepoint == "followup" else None
-        img = resample(shrink_to(study.images[modality], spec.spacing), grid, t)
+        img = resample(shrink_to(image, spec.spacing), grid, t)
         resampled[key] = img
-        normed[key] = normalize(sitk.GetArrayFromImage(img), spec.normalization, spec.clip)
+        normed[key] = normalize(sitk.GetArrayFromImage(img), spec.normalization, spec.clip, brain(timepoint))
         return normed[key]
 
     for ch in spec.channels:
@@ -136,24 +167,30 @@ def prepare_pair(
         else:
             planes.append(plane(ch.modality, ch.timepoint))
     if center is not None:
-        ref = resampled.get(f"{spec.reference_modality}:baseline")
-        ref = resample(reference, grid) if ref is None else ref
-        if not sitk.GetArrayViewFromImage(ref).any():
+        if masks is not None:
+            empty = not brain("baseline").any()
+        else:
+            ref = resampled.get(f"{spec.reference_modality}:baseline")
+            ref = resample(reference, grid) if ref is None else ref
+            empty = not sitk.GetArrayViewFromImage(ref).any()
+        if empty:
             ras = ", ".join(f"{v:g}" for v in lps_to_ras(center))
             raise RANOInputError(f"{baseline.folder}: the crop region centred at RAS ({ras}) mm holds no "
                                  f"brain voxels of {spec.reference_modality}; move the ROI onto the brain")
-    return PreparedPair(np.stack(planes).astype(np.float32), grid, tuple(spec.channels), resampled)
+    return PreparedPair(np.stack(planes).astype(np.float32), grid, tuple(spec.channels), resampled, brains)
 
 
-def to_reference(array: np.ndarray, grid: sitk.Image, reference: sitk.Image, mask: bool = True) -> sitk.Image:
+def to_reference(array: np.ndarray, grid: sitk.Image, reference: sitk.Image, mask: bool = True,
+                 brain: sitk.Image | None = None) -> sitk.Image:
     """Put a (z, y, x) map computed on the model grid back onto the reference image grid.
 
     The result has the reference's size, spacing, origin and direction; with ``mask`` it is
-    zero outside the reference's brain.
+    zero outside the brain: ``brain`` (a mask on the reference grid), or without one the
+    reference's non-zero voxels.
     """
     img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
     img.CopyInformation(grid)
     out = resample(img, reference)
     if mask:
-        out = sitk.Mask(out, brain_mask(reference))
+        out = sitk.Mask(out, sitk.Cast(brain, sitk.sitkUInt8) if brain is not None else brain_mask(reference))
     return out

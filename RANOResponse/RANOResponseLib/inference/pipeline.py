@@ -1,7 +1,11 @@
 """The one data path from two study folders to a prediction with maps.
 
 ``predict_pair`` does the work in memory and is what the Slicer module, the CLI and evaluation
-call; ``write_outputs`` writes its result; ``run_predict`` is both, atomically;
+call: it loads the studies (NIfTI/NRRD files or DICOM, :func:`~RANOResponseLib.imaging.studies.load_study`),
+prepares the network input (brain masks, alignment, registration, model grid:
+:func:`~RANOResponseLib.inference.inputs.prepare_inputs`), checks it against what the bundle was
+trained on (:mod:`~RANOResponseLib.inference.guard`), runs the ensemble and masks the maps by the
+brain. ``write_outputs`` writes its result; ``run_predict`` is both, atomically;
 ``read_prediction`` is the one reader of the ``prediction.json`` it writes.
 """
 
@@ -21,10 +25,14 @@ from RANOResponseLib import __version__
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.files import atomic_output_dir, write_text
 from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, ras_to_lps
-from RANOResponseLib.imaging.io import Study, check_distinct_studies, read_study, write_image
-from RANOResponseLib.imaging.preprocessing import PreparedPair, prepare_pair, to_reference
-from RANOResponseLib.imaging.registration import RegistrationParams, RegistrationResult, register_rigid
+from RANOResponseLib.imaging.io import EXTENSIONS, Study, check_distinct_studies, write_image
+from RANOResponseLib.imaging.preprocessing import PreparedPair, to_reference
+from RANOResponseLib.imaging.registration import RegistrationParams, RegistrationResult
+from RANOResponseLib.imaging.dicom import Rules
+from RANOResponseLib.imaging.studies import SeriesOverrides, check_pair, load_study
+from RANOResponseLib.inference import guard
 from RANOResponseLib.inference.attributions import Prediction, predict, predict_with_maps
+from RANOResponseLib.inference.inputs import BrainMask, prepare_inputs
 from RANOResponseLib.model.bundle import Bundle, load_models, read_bundle
 from RANOResponseLib.model.device import resolve_device
 
@@ -33,8 +41,9 @@ SCENE_FILE = "scene/RANOResponse.mrml"  # the Slicer scene predict writes (data 
 SLICE_VIEWS = ("slice_axial.png", "slice_coronal.png", "slice_sagittal.png")
 PREDICTION_JSON = "prediction.json"
 TRANSFORM_FILE = "followup_to_baseline.tfm"  # the registration, baseline point -> follow-up point
-OUTPUT_NAMES = (PREDICTION_JSON, "saliency.nii.gz", "gradcam.nii.gz", TRANSFORM_FILE, "overlay.png",
-                *SLICE_VIEWS, SCENE_FILE.split("/")[0])
+BRAIN_MASK_FILE = "brain_mask.nii.gz"  # the baseline brain mask on the baseline reference grid
+OUTPUT_NAMES = (PREDICTION_JSON, "saliency.nii.gz", "gradcam.nii.gz", TRANSFORM_FILE, BRAIN_MASK_FILE,
+                "overlay.png", *SLICE_VIEWS, SCENE_FILE.split("/")[0])
 
 
 @dataclass
@@ -43,14 +52,17 @@ class PairResult:
 
     bundle: Bundle
     device: str
-    baseline: Study
-    followup: Study
+    baseline: Study  # every sequence on the baseline reference image's grid
+    followup: Study  # every sequence on the follow-up reference image's grid
     registration: RegistrationResult
     prepared: PreparedPair
     prediction: Prediction
     maps: dict[str, sitk.Image] = field(default_factory=dict)  # on the baseline reference grid
     timings: dict[str, float] = field(default_factory=dict)
     roi_center: tuple[float, float, float] | None = None  # RAS mm, when the crop was placed by hand
+    brains: dict[str, BrainMask] = field(default_factory=dict)  # timepoint -> brain mask
+    description: dict = field(default_factory=dict)  # the inputs described (inference.inputs)
+    input_check: dict = field(default_factory=dict)  # the guard's verdict and reasons
 
     @property
     def label(self) -> str:
@@ -71,6 +83,21 @@ class PairResult:
             "placed": "roi" if self.roi_center is not None else "brain",
         }
 
+    def input_files(self, timepoint: str) -> dict[str, str]:
+        """What each modality was read from: its file, or for DICOM its series folder."""
+        study = self.baseline if timepoint == "baseline" else self.followup
+        return {m: str(study.files.get(m) or study.sources.get(m, {}).get("path", study.folder))
+                for m in study.images}
+
+    def image_files(self, timepoint: str) -> dict[str, Path]:
+        """The modalities whose image here is exactly an image file (NIfTI/NRRD read as it is, not
+        resampled onto the reference grid): a scene may refer to those files instead of copies."""
+        study = self.baseline if timepoint == "baseline" else self.followup
+        sequences = self.description.get("studies", {}).get(timepoint, {}).get("sequences", {})
+        return {m: Path(p) for m, p in study.files.items()
+                if str(p).lower().endswith(EXTENSIONS)
+                and sequences.get(m, {}).get("alignment", {}).get("method") != "registered"}
+
     def summary(self) -> dict:
         spread = {c: float(s) for c, s in zip(self.bundle.class_names, self.prediction.spread)}
         return {
@@ -82,10 +109,9 @@ class PairResult:
             "bundle": {"id": self.bundle.id, "path": str(self.bundle.path),
                        "sha256": [w["sha256"] for w in self.bundle.weights]},
             "device": self.device,
-            "inputs": {
-                "baseline": {m: str(p) for m, p in self.baseline.files.items()},
-                "followup": {m: str(p) for m, p in self.followup.files.items()},
-            },
+            "inputs": {"baseline": self.input_files("baseline"), "followup": self.input_files("followup"),
+                       **self.description},
+            "input_check": self.input_check,
             "registration": self.registration.as_dict(),
             "model_grid": self.model_grid(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
@@ -110,11 +136,18 @@ def _folder(study: Path | str | Study) -> Path:
     return study.folder if isinstance(study, Study) else Path(study)
 
 
-def _as_study(study: Path | str | Study, bundle: Bundle) -> Study:
-    """A loaded study as is; a folder is read with the bundle's modalities."""
+def _as_study(study: Path | str | Study, bundle: Bundle, series: SeriesOverrides | None,
+              rules: Rules | Mapping | Path | str | None) -> Study:
+    """A loaded study as is; a folder (NIfTI/NRRD files or DICOM) is loaded with the bundle's modalities."""
     if isinstance(study, Study):
         return study
-    return read_study(study, bundle.spec.modalities, required_by=f"bundle '{bundle.id}'")
+    return load_study(study, bundle.spec.modalities, series=series, rules=rules,
+                      required_by=f"bundle '{bundle.id}'")
+
+
+# Progress fractions of the stages predict_pair reports (each when it completes).
+_PROGRESS = {"read": 0.1, "brain masks": 0.3, "aligned": 0.4, "registered": 0.55, "resampled": 0.65,
+             "predicted": 0.9}
 
 
 def predict_pair(
@@ -127,13 +160,27 @@ def predict_pair(
     progress: Progress | None = None,
     notice: Callable[[str], None] | None = None,
     roi_center: Sequence[float] | None = None,
+    brain_mask: str | Sequence[str | Path] = "auto",
+    series: SeriesOverrides | None = None,
+    series_rules: Rules | Mapping | Path | str | None = None,
+    allow_different: bool = False,
 ) -> PairResult:
-    """Read, register, resample, run the model and (optionally) the maps, for one case pair.
+    """Load, find the brains, align, register, resample, check, run the model and (optionally)
+    the maps, for one case pair.
 
     ``roi_center``: centre of the crop in RAS mm (a Slicer ROI's centre, ``--roi-center``);
-    by default the crop is centred on the baseline brain.
+    by default the crop is centred on the baseline brain. ``brain_mask``: ``--brain-mask``
+    (``auto``, ``model``, ``none``, a file name inside each study folder, or ``BASE,FOLLOW``;
+    see :func:`~RANOResponseLib.inference.inputs.brain_sources`). ``series``, ``series_rules``:
+    which DICOM series is which modality (``--series``, ``--series-rules``);
+    ``allow_different``: accept two DICOM studies of different PatientIDs.
+    A pair that is not a brain MRI pair is refused (:class:`RANOInputError`) before the network runs.
     """
-    progress = progress or (lambda stage, frac: None)
+    report = progress or (lambda stage, frac: None)
+
+    def stage(name: str) -> None:
+        report(name, _PROGRESS[name])
+
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
@@ -141,38 +188,37 @@ def predict_pair(
 
     t = time.perf_counter()
     check_distinct_studies(_folder(baseline), _folder(followup))
-    base, fu = _as_study(baseline, bundle), _as_study(followup, bundle)
+    base = _as_study(baseline, bundle, series, series_rules)
+    fu = _as_study(followup, bundle, series, series_rules)
+    check_pair(base, fu, allow_different)
     models = _load_models_cached(bundle, dev)
     timings["read"] = time.perf_counter() - t
-    progress("read", 0.15)
+    stage("read")
 
-    t = time.perf_counter()
-    reg = register_rigid(base, fu, registration)
-    timings["register"] = time.perf_counter() - t
-    progress("registered", 0.55)
-
-    t = time.perf_counter()
     centre = None if roi_center is None else ras_to_lps(roi_center)
-    prepared = prepare_pair(base, fu, reg.transform, bundle.spec, center=centre)
+    inputs = prepare_inputs(base, fu, bundle.spec, brain_mask, dev, registration, centre, progress=stage)
+    timings.update(inputs.timings)
+    input_check = guard.check(inputs.description, bundle.input_statistics)
+    prepared = inputs.prepared
     x = torch.from_numpy(prepared.array[None]).to(dev)
-    timings["crop_resample"] = time.perf_counter() - t
-    progress("resampled", 0.65)
 
     maps: dict[str, sitk.Image] = {}
     if attributions:
         pred = predict_with_maps(models, x, bundle.gradcam_layer)
         t = time.perf_counter()
-        reference = base.images[bundle.spec.reference_modality]
-        maps = {name: to_reference(getattr(pred, name), prepared.grid, reference)
+        reference = inputs.baseline.images[bundle.spec.reference_modality]
+        brain = inputs.brains["baseline"].image
+        maps = {name: to_reference(getattr(pred, name), prepared.grid, reference, brain=brain)
                 for name in ("saliency", "gradcam")}
         pred.timings["attributions"] += time.perf_counter() - t
     else:
         pred = predict(models, x)
     timings.update(pred.timings)
     timings["total"] = time.perf_counter() - t_start
-    progress("predicted", 0.9)
+    stage("predicted")
     roi = None if roi_center is None else tuple(float(v) for v in roi_center)
-    return PairResult(bundle, str(dev), base, fu, reg, prepared, pred, maps, timings, roi)  # type: ignore[arg-type]
+    return PairResult(bundle, str(dev), inputs.baseline, inputs.followup, inputs.registration, prepared,  # type: ignore[arg-type]
+                      pred, maps, timings, roi, inputs.brains, inputs.description, input_check)
 
 
 def result_title(result: PairResult) -> str:
@@ -190,7 +236,8 @@ OutputWriter = Callable[[PairResult, Path, Mapping[str, Path]], Mapping[str, Pat
 
 
 def write_outputs(result: PairResult, out: Path, writers: Sequence[OutputWriter] = ()) -> dict[str, Path]:
-    """Write the maps, the transform, whatever ``writers`` add, and last prediction.json into ``out``."""
+    """Write the maps, the transform, the baseline brain mask, whatever ``writers`` add, and last
+    prediction.json into ``out``."""
     t = time.perf_counter()
     out = Path(out)
     files: dict[str, Path] = {}
@@ -199,6 +246,8 @@ def write_outputs(result: PairResult, out: Path, writers: Sequence[OutputWriter]
     tfm = out / TRANSFORM_FILE
     sitk.WriteTransform(result.registration.transform, str(tfm))
     files["transform"] = tfm
+    if "baseline" in result.brains:
+        files["brain_mask"] = write_image(result.brains["baseline"].image, out / BRAIN_MASK_FILE)
     for writer in writers:
         files.update(writer(result, out, dict(files)))
     result.timings["write"] = time.perf_counter() - t
@@ -243,13 +292,19 @@ def run_predict(
     notice: Callable[[str], None] | None = None,
     roi_center: Sequence[float] | None = None,
     writers: Sequence[OutputWriter] = (),
+    brain_mask: str | Sequence[str | Path] = "auto",
+    series: SeriesOverrides | None = None,
+    series_rules: Rules | Mapping | Path | str | None = None,
+    allow_different: bool = False,
 ) -> tuple[PairResult, dict[str, Path]]:
     """``rano-response predict``: all outputs appear in ``out`` together, or none do.
 
-    ``writers`` add pictures and the Slicer scene (see :func:`RANOResponseLib.mrml.outputs.output_writers`).
+    ``writers`` add pictures and the Slicer scene (see :func:`RANOResponseLib.mrml.outputs.output_writers`);
+    the other arguments are :func:`predict_pair`'s.
     """
     result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice,
-                          roi_center=roi_center)
+                          roi_center=roi_center, brain_mask=brain_mask, series=series, series_rules=series_rules,
+                          allow_different=allow_different)
     with atomic_output_dir(out, owned=OUTPUT_NAMES) as stage:
         files = write_outputs(result, stage, writers)
         rel = {k: p.relative_to(stage) for k, p in files.items()}

@@ -4,6 +4,9 @@
 and its arguments, the modalities and channel order, class names, model-grid spacing and size,
 normalisation, the Grad-CAM layer, training provenance, CV metrics and each weight file's sha256.
 Several weight files form an ensemble (e.g. the k fold models); predict averages them.
+``input_statistics`` (optional) records what the training inputs looked like (brain volumes, slice
+thickness, registration quality, intensities inside the brain; made by
+:func:`RANOResponseLib.inference.guard.statistics`): predict's input guard compares each pair with it.
 
 Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is checked:
 a weights file never runs code and a corrupted or swapped file is refused.
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from RANOResponseLib.core.errors import BundleError
-from RANOResponseLib.core.files import atomic_output_dir
+from RANOResponseLib.core.files import atomic_output_dir, write_text
 from RANOResponseLib.core.names import CLASS_NAMES, MODALITIES
 from RANOResponseLib.core.resources import find_resource
 from RANOResponseLib.imaging.preprocessing import NORMALIZATIONS, Channel, InputSpec
@@ -46,6 +49,11 @@ class Bundle:
     @property
     def in_channels(self) -> int:
         return len(self.spec.channels)
+
+    @property
+    def input_statistics(self) -> dict[str, Any] | None:
+        """What the training inputs looked like, or None for a bundle made without them."""
+        return self.meta.get("input_statistics")
 
 
 def sha256(path: Path | str, chunk: int = 1 << 20) -> str:
@@ -107,6 +115,9 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
     norm = meta["normalization"]
     _require(isinstance(norm, dict) and norm.get("method") in NORMALIZATIONS, meta_file,
              f"normalization.method must be one of {list(NORMALIZATIONS)}")
+    stats = meta.get("input_statistics")
+    _require(stats is None or (isinstance(stats, dict) and isinstance(stats.get("version"), int)), meta_file,
+             "input_statistics must be an object with an integer 'version'")
     arch = meta["architecture"]
     _require(isinstance(arch, dict) and isinstance(arch.get("args"), dict), meta_file,
              "architecture must be an object with 'name' and 'args'")
@@ -229,11 +240,13 @@ def write_bundle(
     extra: Mapping[str, Any] | None = None,
     half: bool = True,
     model_card: str | None = None,
+    input_statistics: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a bundle folder atomically (staged next to ``out``, then renamed into place).
 
     ``half`` stores floating-point tensors as float16 to keep the repository small; they are
-    loaded back as float32.
+    loaded back as float32. ``input_statistics``: what the training inputs looked like
+    (:func:`RANOResponseLib.inference.guard.statistics`).
     """
     import torch
 
@@ -259,13 +272,30 @@ def write_bundle(
             "class_names": list(class_names),
             "spacing_mm": list(spec.spacing),
             "input_size": list(spec.size),
-            "normalization": {"method": spec.normalization, "mask": "nonzero", "clip": spec.clip},
+            "normalization": {"method": spec.normalization, "mask": "brain", "clip": spec.clip},
             "gradcam_layer": gradcam_layer,
             "weights": weights,
         }
         meta.update(extra or {})
+        if input_statistics is not None:
+            meta["input_statistics"] = dict(input_statistics)
         (stage / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if model_card:
             (stage / "MODEL_CARD.md").write_text(model_card, encoding="utf-8")
     read_bundle(out)  # what we wrote must load
     return out
+
+
+def set_input_statistics(path: Path | str, statistics: Mapping[str, Any]) -> Path:
+    """Add (or replace) ``input_statistics`` in an existing bundle's ``bundle.json``.
+
+    Only that key changes (the weights and their sha256 stay as they are); the file is rewritten
+    atomically and the bundle is validated again. Returns the ``bundle.json`` path.
+    """
+    bundle = read_bundle(path)
+    meta_file = bundle.path / "bundle.json"
+    meta = dict(bundle.meta)
+    meta["input_statistics"] = dict(statistics)
+    write_text(json.dumps(meta, indent=2) + "\n", meta_file)
+    read_bundle(meta_file)
+    return meta_file

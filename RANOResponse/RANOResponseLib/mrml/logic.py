@@ -209,7 +209,7 @@ class PanelLogic:
         the others are loaded when present. Another case than the one shown first clears it
         (:meth:`clear_case`).
         """
-        from RANOResponseLib.imaging.io import find_modality_file
+        from RANOResponseLib.imaging.studies import missing_modalities
         from RANOResponseLib.mrml.scene import find_study_node, load_study_nodes
 
         needed = self.required_modalities(p.bundle)
@@ -218,7 +218,7 @@ class PanelLogic:
         for folder in folders.values():
             if not folder.is_dir():
                 raise RANOInputError(f"{folder}: study folder not found")
-            missing = [m for m in needed if find_modality_file(folder, m) is None]
+            missing = missing_modalities(folder, needed)  # a DICOM folder: its series assigned, none read
             if missing:
                 raise RANOInputError(f"{folder}: missing {', '.join(missing)} (the model bundle needs "
                                      f"{', '.join(needed)})")

@@ -41,9 +41,11 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.files import atomic_file, write_text
 from RANOResponseLib.core.names import REFERENCE_ORDER
-from RANOResponseLib.core.styles import MAP_KINDS, MAP_THRESHOLD, display_window
+from RANOResponseLib.core.styles import BRAIN_SEGMENT, MAP_KINDS, MAP_THRESHOLD, display_window
 from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, model_grid, ras_to_lps
+from RANOResponseLib.imaging.dicom import contains_dicom
 from RANOResponseLib.imaging.io import Study, find_modality_file
+from RANOResponseLib.imaging.studies import is_file_study, load_study
 from RANOResponseLib.imaging.preprocessing import InputSpec
 
 FLIP = np.diag([-1.0, -1.0, 1.0])  # LPS <-> RAS, its own inverse
@@ -215,15 +217,20 @@ def load_study_nodes(scene, folder: Path | str, modalities: Sequence[str], study
                      missing_ok: bool = False, reuse: bool = False) -> dict[str, Any]:
     """Load one study folder's modality files as volume nodes named ``"<study_name> <modality>"``.
 
-    Files are found exactly as ``predict`` finds them (:func:`io.find_modality_file`). A missing
-    modality is an error naming the folder, unless ``missing_ok`` (then it is left out). Each node
-    is tagged ``RANOResponse.study = "<study_name>:<modality>"``; with ``reuse`` the node an earlier
-    load tagged so is read again instead of a new one being added (a panel stepping through cases
-    keeps one node per study and modality). All files are found before any node is touched.
+    Files are found exactly as ``predict`` finds them (:func:`io.find_modality_file`); a folder of
+    DICOM files goes through :func:`studies.load_study` as in ``predict`` (same series, same
+    checks), each image becoming a node without a storage file. A missing modality is an error
+    naming the folder, unless ``missing_ok`` (then it is left out). Each node is tagged
+    ``RANOResponse.study = "<study_name>:<modality>"``; with ``reuse`` the node an earlier load
+    tagged so is read again instead of a new one being added (a panel stepping through cases keeps
+    one node per study and modality). All files are found (DICOM: all series read) before any node
+    is touched.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise RANOInputError(f"{folder}: study folder not found")
+    if not is_file_study(folder, modalities) and contains_dicom(folder):
+        return _dicom_study_nodes(scene, load_study(folder, modalities, missing_ok=missing_ok), study_name, reuse)
     paths = {}
     for m in modalities:
         path = find_modality_file(folder, m)
@@ -237,6 +244,22 @@ def load_study_nodes(scene, folder: Path | str, modalities: Sequence[str], study
         tag = f"{study_name}:{m}"
         previous = find_study_node(scene, tag) if reuse else None
         nodes[m] = load_volume(scene, path, f"{study_name} {m}", node=previous)
+        nodes[m].SetAttribute(STUDY, tag)
+    return nodes
+
+
+def _dicom_study_nodes(scene, study: Study, study_name: str, reuse: bool) -> dict[str, Any]:
+    """Nodes for the images of a DICOM study (they have no file of their own to refer to)."""
+    nodes = {}
+    for m, image in study.images.items():
+        tag = f"{study_name}:{m}"
+        previous = find_study_node(scene, tag) if reuse else None
+        if previous is not None and previous.GetStorageNode() is not None:
+            # the node held a file-based study before: a saved scene must not refer to that file
+            storage = previous.GetStorageNode()
+            previous.SetAndObserveStorageNodeID(None)
+            scene.RemoveNode(storage)
+        nodes[m] = image_to_node(scene, image, f"{study_name} {m}", node=previous)
         nodes[m].SetAttribute(STUDY, tag)
     return nodes
 
@@ -570,6 +593,40 @@ def fit_slice_views(scene, layouts: Sequence[str] | None = None) -> None:
                 logic.FitSliceToBackground()
 
 
+# ----------------------------------------------------------------------------- brain mask
+
+
+def add_brain_segmentation(scene, mask: sitk.Image | Path | str, name: str, node=None, reference=None):
+    """A segmentation node with one segment, the brain (:data:`~RANOResponseLib.core.styles.BRAIN_SEGMENT`),
+    from a brain mask (an image or a file, non-zero = brain); slice views draw its outline.
+    ``reference``: the volume node whose grid the segmentation keeps (the mask's own grid, for
+    Segment Editor). An existing ``node`` is emptied and refilled."""
+    image = mask if isinstance(mask, sitk.Image) else sitk.ReadImage(str(mask))
+    image = sitk.Cast(image != 0, sitk.sitkUInt8)
+    labelmap = image_to_node(scene, image, f"{name} (labelmap)", window=(0.0, 1.0),
+                             node=scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} (labelmap)"))
+    node = node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.GetSegmentation().RemoveAllSegments()
+    if reference is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node):
+            raise RANOInputError(f"{name}: the brain mask could not become a segmentation")
+    finally:
+        display = labelmap.GetDisplayNode()
+        scene.RemoveNode(labelmap)
+        if display is not None:
+            scene.RemoveNode(display)
+    segment = node.GetSegmentation().GetNthSegment(0)
+    segment.SetName(BRAIN_SEGMENT[0])
+    segment.SetColor(*BRAIN_SEGMENT[1])
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetOpacity2DFill(0.0)
+    node.GetDisplayNode().SetOpacity2DOutline(1.0)
+    return node
+
+
 # ---------------------------------------------------------------------------------- table
 
 
@@ -577,7 +634,9 @@ def add_results_table(scene, summary: Mapping[str, Any], name: str, node=None):
     """A table node of the prediction: one row per class with its probability, the ensemble
     spread, a mark on the predicted class and the model (bundle id) that made it, visible in
     Slicer's table view; the label, bundle id, map target and version are also node attributes
-    (``RANOResponse.label``, ``.bundle``, ``.maps_explain``, ``.version``)."""
+    (``RANOResponse.label``, ``.bundle``, ``.maps_explain``, ``.version``), and so is the input
+    guard's verdict (``.input_check``: ok or warning, ``.input_reasons``: one reason a line, also
+    in the node's description)."""
     probs = summary["probabilities"]
     spread = summary.get("ensemble_spread", {})
     bundle = summary.get("bundle", {}).get("id", "")
@@ -601,7 +660,12 @@ def add_results_table(scene, summary: Mapping[str, Any], name: str, node=None):
     node.SetAttribute("RANOResponse.bundle", str(bundle))
     node.SetAttribute("RANOResponse.maps_explain", str(summary.get("maps_explain") or ""))
     node.SetAttribute("RANOResponse.version", str(summary.get("rano_response_version", "")))
-    node.SetDescription(f"Predicted RANO response {summary['label']} (model {bundle}). "
+    check = summary.get("input_check") or {}
+    node.SetAttribute("RANOResponse.input_check", str(check.get("verdict", "")))
+    node.SetAttribute("RANOResponse.input_reasons", "\n".join(check.get("reasons", [])))
+    said = f" Input check: {check['verdict']}" + "".join(f"; {r}" for r in check.get("reasons", [])) + "." \
+        if check else ""
+    node.SetDescription(f"Predicted RANO response {summary['label']} (model {bundle}).{said} "
                         "Research use only, not for clinical use.")
     return node
 
@@ -621,6 +685,7 @@ class SceneNodes:
     saliency: str | None = None
     gradcam: str | None = None
     summary: dict = field(default_factory=dict)
+    brain: str | None = None  # the baseline brain mask's segmentation node
 
     @property
     def maps(self) -> dict[str, str]:
@@ -655,11 +720,13 @@ def assemble(
     files: Mapping[str, Path] | None = None,
     roi=None,
     opacity: float = 0.4,
+    brain_mask: sitk.Image | Path | str | None = None,
 ) -> SceneNodes:
     """Put one prediction into ``scene`` over its study volume nodes: the registration as a
     transform node the follow-up volumes observe, the crop ROI (``summary['model_grid']``; an
-    existing ``roi`` is kept), the maps with heat colours, the results table, and every slice
-    view showing Grad-CAM over the baseline reference volume through the Grad-CAM peak.
+    existing ``roi`` is kept), the maps with heat colours, the baseline ``brain_mask`` as a
+    segmentation, the results table, and every slice view showing Grad-CAM over the baseline
+    reference volume through the Grad-CAM peak.
 
     Re-running the same case (same follow-up node) updates its earlier output nodes.
     """
@@ -687,6 +754,11 @@ def assemble(
                             node=_previous(scene, case, kind), share=True)
         map_ids[kind] = tagged(node, kind).GetID()
 
+    brain = None
+    if brain_mask is not None:
+        brain = tagged(add_brain_segmentation(scene, brain_mask, "RANO brain mask",
+                                              node=_previous(scene, case, "brain"), reference=ref), "brain")
+
     grid = summary.get("model_grid")
     if roi is None and grid:
         roi = tagged(add_roi(scene, grid["center_ras"], grid["fov_mm"], "RANO crop region",
@@ -706,7 +778,8 @@ def assemble(
     return SceneNodes(baseline={m: n.GetID() for m, n in base.items()},
                       followup={m: n.GetID() for m, n in fu.items()},
                       transform=tnode.GetID(), table=table.GetID(), roi=_id(roi),
-                      saliency=map_ids.get("saliency"), gradcam=map_ids.get("gradcam"), summary=dict(summary))
+                      saliency=map_ids.get("saliency"), gradcam=map_ids.get("gradcam"), summary=dict(summary),
+                      brain=_id(brain))
 
 
 def populate_scene(scene, result, baseline_nodes: Mapping[str, Any] | None = None,
@@ -716,27 +789,35 @@ def populate_scene(scene, result, baseline_nodes: Mapping[str, Any] | None = Non
     ``scene``. Study volumes are created from ``result``'s images unless nodes are given (named
     ``"baseline <modality>"`` and ``"follow-up <modality>"``, referring to their study files).
     ``files``: files already written for ``"transform"``, ``"gradcam"``, ``"saliency"``, so a
-    saved scene refers to them instead of writing copies."""
+    saved scene refers to them instead of writing copies (so do study volumes read from a file as
+    they are; sequences resampled onto the reference grid are new images). The baseline brain
+    mask becomes a segmentation node."""
     files = dict(files or {})
 
-    def volumes(study: Study, label: str) -> dict[str, Any]:
-        return {m: image_to_node(scene, img, f"{label} {m}", file=study.files.get(m), share=True)
+    def volumes(timepoint: str, label: str) -> dict[str, Any]:
+        study: Study = getattr(result, timepoint)
+        same = result.image_files(timepoint)
+        return {m: image_to_node(scene, img, f"{label} {m}", file=same.get(m), share=True)
                 for m, img in study.images.items()}
 
-    base = _present(baseline_nodes) or volumes(result.baseline, "baseline")
-    fu = _present(followup_nodes) or volumes(result.followup, "follow-up")
+    base = _present(baseline_nodes) or volumes("baseline", "baseline")
+    fu = _present(followup_nodes) or volumes("followup", "follow-up")
+    brain = result.brains["baseline"].image if "baseline" in result.brains else None
     return assemble(scene, result.summary(), base, fu, result.registration.transform, result.maps,
-                    files=files, roi=roi)
+                    files=files, roi=roi, brain_mask=brain)
 
 
 def load_outputs(scene, out_dir: Path | str, baseline_nodes: Mapping[str, Any] | None = None,
                  followup_nodes: Mapping[str, Any] | None = None, roi=None) -> SceneNodes:
-    """Put a ``rano-response predict`` output folder (prediction.json, maps, transform) into
-    ``scene`` — what the Slicer module does after running ``predict`` in a child process.
+    """Put a ``rano-response predict`` output folder (prediction.json, maps, transform, brain
+    mask) into ``scene`` — what the Slicer module does after running ``predict`` in a child process.
 
-    Without nodes, the studies are loaded from the input files named in prediction.json.
+    Without nodes, the studies are loaded from the inputs named in prediction.json: files as
+    they are, DICOM series (``inputs.studies.<timepoint>.sequences``) by their series UID. Each
+    volume appears in its own acquisition space.
     """
     # imported here: the pipeline imports torch, which the rest of the scene code does not need
+    from RANOResponseLib.imaging.studies import load_study
     from RANOResponseLib.inference.pipeline import read_prediction
 
     out = Path(out_dir)
@@ -745,13 +826,23 @@ def load_outputs(scene, out_dir: Path | str, baseline_nodes: Mapping[str, Any] |
     inputs = summary.get("inputs", {})
 
     def volumes(key: str, label: str) -> dict[str, Any]:
-        return {m: load_volume(scene, path, f"{label} {m}") for m, path in inputs.get(key, {}).items()}
+        sources = inputs.get("studies", {}).get(key, {}).get("sequences", {})
+        nodes = {}
+        for m, path in inputs.get(key, {}).items():
+            src = sources.get(m, {}).get("source", {})
+            if src.get("kind") == "dicom":
+                image = load_study(src["path"], [m], series={m: src["series_uid"]}).images[m]
+                nodes[m] = image_to_node(scene, image, f"{label} {m}")
+            else:
+                nodes[m] = load_volume(scene, path, f"{label} {m}")
+        return nodes
 
     base = _present(baseline_nodes) or volumes("baseline", "baseline")
     fu = _present(followup_nodes) or volumes("followup", "follow-up")
     transform = out / outputs.get("transform", "followup_to_baseline.tfm")
     maps = {k: out / outputs[k] for k in MAP_KINDS if k in outputs}
-    return assemble(scene, summary, base, fu, transform, maps, roi=roi)
+    brain = out / outputs["brain_mask"] if "brain_mask" in outputs else None
+    return assemble(scene, summary, base, fu, transform, maps, roi=roi, brain_mask=brain)
 
 
 # ------------------------------------------------------------------------------ scene files

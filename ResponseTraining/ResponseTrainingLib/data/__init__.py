@@ -1,7 +1,9 @@
 """data: what the training loop reads.
 
-- :mod:`.dataset` preprocessing cache (.npy per pair), MONAI datasets and augmentation
+- :mod:`.dataset` preprocessing cache (.npy per pair), the bundle's input statistics, MONAI datasets
+                  and augmentation
 - :mod:`.labels`  reviewers' verdicts (a review export) as training labels
 
-May import: RANOResponseLib (core, imaging, datasets), MONAI, torch.
+May import: RANOResponseLib (core, imaging, datasets, model, and inference for the one input
+preparation predict uses), MONAI, torch.
 """

@@ -135,8 +135,11 @@ def model_card(cfg: TrainConfig, prov: dict[str, Any], cv: dict[str, Any]) -> st
   ({', '.join(str(c) for c in spec.channels)}), classes {', '.join(CLASS_NAMES)}.
 - Ensemble of the {len(prov['folds'])} fold models of a {prov['cv_scheme']}; predict averages their
   probabilities and reports their spread.
-- Input: follow-up registered rigidly to baseline, resampled to {tuple(cfg.size)} voxels of {tuple(cfg.spacing)} mm
-  around the brain, z-scored per channel inside the brain.
+- Input: each study's brain mask (skull-stripped studies: their non-zero region; others: HD-BET), its
+  sequences aligned to its reference image, follow-up registered rigidly to baseline, cut to the brain,
+  resampled to {tuple(cfg.size)} voxels of {tuple(cfg.spacing)} mm around the brain, z-scored per channel
+  inside the brain; what these inputs looked like is in bundle.json's `input_statistics` (predict warns
+  about inputs outside them).
 - Pairing: `{cfg.pairing}`; {prov['pairs']} pairs from {prov['patients']} patients
   (classes {prov['class_counts']}); data `{prov['data']}`{_source_line(prov)}.
 - Splits grouped by patient and stratified by class; in each fold the checkpoint was chosen on

@@ -8,7 +8,7 @@ The plan of a run (``rano-response train``):
 2. Split the pairs by patient (:mod:`.folds`); ``folds.csv`` records each pair's (hence
    patient's) test fold and the folds it validates.
 3. Preprocess every pair once with the clinical path (:mod:`ResponseTrainingLib.data`), shared by
-   all folds.
+   all folds; the pairs' descriptions become the bundle's ``input_statistics`` (input guard).
 4. Train one network per fold (:mod:`.loop`); a run restarted with ``--resume`` skips finished
    folds and continues the current one from its last epoch.
 5. Deep hybrid classifiers on the fold models' probabilities plus clinical features
@@ -42,7 +42,7 @@ from RANOResponseLib.model.bundle import write_bundle
 from RANOResponseLib.model.networks import GRADCAM_LAYERS
 
 from ResponseTrainingLib.analysis.metrics import SCALAR_METRICS, classification_metrics, summarise
-from ResponseTrainingLib.data.dataset import cache_pairs, cached_dataset
+from ResponseTrainingLib.data.dataset import cache_pairs, cached_dataset, input_statistics
 from ResponseTrainingLib.data.labels import apply_review_labels
 from ResponseTrainingLib.training.card import fmt, json_default, model_card, provenance
 from ResponseTrainingLib.training.config import TrainConfig
@@ -118,7 +118,7 @@ def _run(cfg: TrainConfig, dctx: DistContext, device: torch.device) -> dict[str,
     if dctx.main:
         paths = cache_pairs(pairs, spec, cache, progress=True,
                             on_pair=lambda i, n: emit({"event": "preprocess", "done": i, "total": n,
-                                                       "frac": 0.1 * i / n}))
+                                                       "frac": 0.1 * i / n}), device=device)
     dctx.barrier()
     if not dctx.main:
         paths = cache_pairs(pairs, spec, cache, progress=False)
@@ -151,7 +151,7 @@ def _run(cfg: TrainConfig, dctx: DistContext, device: torch.device) -> dict[str,
     if not dctx.main:
         return {}
     summary = aggregate(cfg, out, plan, records, pairs, labels, clinical, device, dctx,
-                        time.perf_counter() - t_start)
+                        time.perf_counter() - t_start, input_statistics(paths))
     emit({"event": "done", "summary": str(out / "summary.json"), "bundle": str(out / "bundle"), "frac": 1.0})
     return summary
 
@@ -213,8 +213,9 @@ def _metrics_rows(model: str, per_fold: list[dict[str, Any]], summ: dict[str, An
 
 def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, dict[str, Any]], pairs: list,
               labels: np.ndarray, clinical: pd.DataFrame | None, device: torch.device, dctx: DistContext,
-              seconds: float) -> dict[str, Any]:
-    """metrics.csv, summary.json, plots and the ensemble bundle from the finished folds."""
+              seconds: float, statistics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.csv, summary.json, plots and the ensemble bundle from the finished folds;
+    ``statistics``: the training inputs' ``input_statistics`` for the bundle."""
     from ResponseTrainingLib.analysis.plots import plot_confusion, plot_learning_curves, plot_roc
 
     K = plan.n_folds
@@ -267,7 +268,7 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
                  extra=json.loads(json.dumps({"training": prov,
                                               "metrics": {"cv": short_cv, "holdout_test": cv["cnn"]["pooled"]}},
                                              default=json_default)),
-                 model_card=model_card(cfg, prov, cv))
+                 model_card=model_card(cfg, prov, cv), input_statistics=statistics)
     c = cv["cnn"]
     say_line = (f"CV ({plan.scheme}): balanced accuracy median {c['median']['balanced_accuracy']:.3f}, "
                 f"mean {c['mean']['balanced_accuracy']:.3f} ± {fmt(c['sd']['balanced_accuracy'])}; "

