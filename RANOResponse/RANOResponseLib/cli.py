@@ -1,10 +1,11 @@
 """``rano-response``: the command-line face of the core.
 
     rano-response phantom  --out DIR --patients N --seed S [--spacing MM]
+                           [--clinical HEAD.nii.gz [--clinical-variants head,thick,oblique,dicom]]
     rano-response predict  --baseline DIR --followup DIR --out OUT [--bundle B] [--device D] [--roi-center R,A,S]
                            [--series MOD=UID|DESCRIPTION ...] [--series-rules FILE] [--allow-different]
                            [--brain-mask auto|model|none|FILE|BASE,FOLLOW]
-    rano-response bench    [--runs 3] [--spacing 1]
+    rano-response bench    [--runs 3] [--spacing 1] [--head HEAD.nii.gz]
     rano-response measure  --baseline DIR --followup DIR | --prediction OUT [--out measurements.json]
     rano-response review   import|add|status|export --db DB [...]
     rano-response report   --prediction OUT --out report.pdf [--db DB] [--measurements JSON]
@@ -35,10 +36,23 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     cfg = PhantomConfig(patients=args.patients, seed=args.seed, spacing=args.spacing,
                         min_followups=args.min_followups, max_followups=args.max_followups,
                         quirks=not args.no_quirks)
+    head = None
+    if args.clinical is not None:  # refuse an unknown head before generating anything
+        from RANOResponseLib.phantom.clinical import load_head, parse_variants
+
+        variants = parse_variants(args.clinical_variants)
+        head = load_head(args.clinical)
     truth = generate_cohort(Path(args.out), cfg, progress=lambda m: print(m, file=sys.stderr))
     follow = truth[truth["role"] == "follow-up"]
     print(f"wrote {args.patients} patients to {Path(args.out).absolute()}")
     print("follow-up ratings:", json.dumps(follow["rating_written"].value_counts().to_dict()))
+    if head is not None:
+        from RANOResponseLib.phantom.clinical import make_clinical_cohort
+
+        table = make_clinical_cohort(Path(args.out), head, variants=variants, seed=args.seed,
+                                     progress=lambda m: print(m, file=sys.stderr))
+        print(f"wrote {len(table)} clinical-style studies ({', '.join(variants)}) to "
+              f"{(Path(args.out) / 'clinical').absolute()}")
     return 0
 
 
@@ -82,7 +96,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from RANOResponseLib.bench import run_bench
 
-    return run_bench(runs=args.runs, spacing=args.spacing, device=args.device, workdir=args.workdir)
+    return run_bench(runs=args.runs, spacing=args.spacing, device=args.device, workdir=args.workdir, head=args.head)
 
 
 # ---- measure / review / report (radiologist in the loop) -------------------------------
@@ -274,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--min-followups", type=int, default=2)
     ph.add_argument("--max-followups", type=int, default=4)
     ph.add_argument("--no-quirks", action="store_true", help="leave out LUMIERE's CSV/layout quirks")
+    ph.add_argument("--clinical", type=Path, default=None, metavar="HEAD.nii.gz",
+                    help="also write clinical-style versions of every study into OUT/clinical/<variant>/: the "
+                         "phantom brain inside this real full head (pydeface 2.1.0's mean_reg2mean.nii.gz; "
+                         "make demo fetches it), thick slices, own acquisitions, DICOM")
+    ph.add_argument("--clinical-variants", default="head,thick,oblique,dicom", metavar="LIST",
+                    help="which clinical-style versions, comma-separated (default head,thick,oblique,dicom)")
     ph.set_defaults(func=_cmd_phantom)
 
     pr = sub.add_parser("predict", help="classify the response between two studies, with maps")
@@ -308,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--spacing", type=float, default=1.0)
     be.add_argument("--device", default="auto")
     be.add_argument("--workdir", type=Path, default=None)
+    be.add_argument("--head", type=Path, default=None, metavar="HEAD.nii.gz",
+                    help="a full head (pydeface's mean_reg2mean.nii.gz) for the unstripped DICOM pair's line "
+                         "(make bench fetches it)")
     be.set_defaults(func=_cmd_bench)
 
 

@@ -1,6 +1,7 @@
 """imaging: images as they come in, and the model input made from them.
 
 - :mod:`.io`            reading studies and images (checked), writing images
+- :mod:`.brain`         skull-stripped or not, brain masks from stripped images and mask files
 - :mod:`.dicom`         DICOM folders: listing series, assigning them to modalities (rules), reading one
 - :mod:`.studies`       loading a study folder of files or DICOM (:func:`~.studies.load_study`), pair checks
 - :mod:`.geometry`      LPS <-> RAS, the model grid, resampling

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import numpy as np
@@ -22,17 +21,19 @@ lps_to_ras = ras_to_lps
 
 
 def mask_center(mask: sitk.Image) -> tuple[float, float, float]:
-    """The physical (LPS) centre of the bounding box of a mask's non-zero voxels.
+    """The physical (LPS) centre of the axis-aligned box around a mask's non-zero voxel centres.
 
-    Raises :class:`RANOInputError` for an empty mask (no brain to centre on)."""
-    arr = sitk.GetArrayViewFromImage(mask)
-    nz = np.nonzero(arr)
+    The box is taken in physical space, so an obliquely stored brain gets the same centre as the
+    same brain stored along the axes. Raises :class:`RANOInputError` for an empty mask (no brain
+    to centre on)."""
+    nz = np.nonzero(sitk.GetArrayViewFromImage(mask))
     if len(nz[0]) == 0:
         raise RANOInputError("reference image has no brain voxels")
-    lo = [float(nz[axis].min()) for axis in (2, 1, 0)]  # index (x, y, z)
-    hi = [float(nz[axis].max()) for axis in (2, 1, 0)]
-    corners = np.array([mask.TransformContinuousIndexToPhysicalPoint(c) for c in itertools.product(*zip(lo, hi))])
-    return tuple(float(v) for v in (corners.min(0) + corners.max(0)) / 2)  # type: ignore[return-value]
+    index = np.stack([nz[2], nz[1], nz[0]]).astype(np.float32)  # (x, y, z) voxel indices, one column each
+    to_physical = np.array(mask.GetDirection(), float).reshape(3, 3) @ np.diag(mask.GetSpacing())
+    offsets = to_physical.astype(np.float32) @ index  # physical point minus origin, per voxel
+    centre = np.array(mask.GetOrigin()) + (offsets.min(1).astype(float) + offsets.max(1).astype(float)) / 2
+    return tuple(float(v) for v in centre)  # type: ignore[return-value]
 
 
 def model_grid(reference: sitk.Image, spacing: Sequence[float], size: Sequence[int],

@@ -89,6 +89,9 @@ def brain_sources(brain: str | Sequence[str | Path], baseline: Study, followup: 
         if len(parts) != 2 or not all(parts):
             raise RANOInputError(f"--brain-mask {brain}: give auto, model, none, a file name or BASE,FOLLOW")
         return Path(parts[0]), Path(parts[1])
+    if Path(brain).name != brain:  # one path cannot be both studies' mask (each has its own grid)
+        raise RANOInputError(f"--brain-mask {brain}: give a file name found in each study folder, "
+                             "or two mask files as BASE,FOLLOW")
     return baseline.folder / brain, followup.folder / brain
 
 
@@ -159,6 +162,8 @@ def prepare_inputs(
     studies = {"baseline": baseline, "followup": followup}
     t = time.perf_counter()
     sources = dict(zip(TIMEPOINTS, brain_sources(brain, baseline, followup)))
+    for s in studies.values():  # both cheap checks before any (slow) brain extraction
+        guard.refuse_small_field(field_of_view_ml(s.images[reference]), s.folder, f"the {reference} field of view")
     brains = {tp: find_brain(studies[tp], reference, sources[tp], device) for tp in TIMEPOINTS}
     timings["brain_mask"] = time.perf_counter() - t
     say("brain masks")

@@ -25,10 +25,10 @@ from RANOResponseLib import __version__
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.files import atomic_output_dir, write_text
 from RANOResponseLib.imaging.geometry import grid_center, lps_to_ras, ras_to_lps
+from RANOResponseLib.imaging.dicom import Rules
 from RANOResponseLib.imaging.io import EXTENSIONS, Study, check_distinct_studies, write_image
 from RANOResponseLib.imaging.preprocessing import PreparedPair, to_reference
 from RANOResponseLib.imaging.registration import RegistrationParams, RegistrationResult
-from RANOResponseLib.imaging.dicom import Rules
 from RANOResponseLib.imaging.studies import SeriesOverrides, check_pair, load_study
 from RANOResponseLib.inference import guard
 from RANOResponseLib.inference.attributions import Prediction, predict, predict_with_maps

@@ -20,9 +20,12 @@ Inference follows HD-BET's own (``run.py``/``predict_case.py``), with these choi
   like HD-BET's 192 mm training patches (on a real head: half the time, no false blob in the
   neck, supratentorial Dice within 0.01 of the whole field of view);
 - the run spacing depends on the device: HD-BET's own 1.5 mm on a GPU, a coarser grid on the CPU
-  (:data:`CPU_SPACING_MM`, measured on a real full-head T1 to keep a study under 15 s on 2 cores
-  with a supratentorial Dice above 0.95 against its pial surfaces);
-- one fold and no mirroring by default (5 folds with mirroring cost 40x for < 0.01 Dice);
+  (:data:`CPU_SPACING_MM`). Measured on a real full-head T1 (pycortex's S1, 256^3 at 1 mm; the
+  supratentorial Dice of ``Testing/test_brain.py`` against its pial surfaces): 3 mm needs 4.8 s
+  of one core's work per study (one fold) and scores 0.956; 2.5 mm 8.3 s and 0.959; 1.5 mm 0.962.
+  3 mm leaves room for two studies within the 30 s an unstripped pair may take on 2 cores;
+- one fold and no test-time mirroring by default: five folds cost 5x for the same Dice on a real
+  head (0.986 either way, ../shared/reference/CLINICAL-INPUT.md), mirroring would cost 8x;
 - the brain probability is resampled back linearly onto the image's own grid and thresholded at
   0.5 (HD-BET's argmax over two classes), then the largest component is kept and holes filled.
 """

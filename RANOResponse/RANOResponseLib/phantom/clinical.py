@@ -34,21 +34,26 @@ two brain masks (mean squares on masks smoothed by 2 mm, affine). Dice of the tw
 placement 0.974 (1926 ml vs the template's 1887 ml). Each phantom timepoint is the template
 moved by a rigid transform the generator recorded (``phantom_truth.csv``:
 :func:`native_to_template`), so the head is resampled into a study by ``affine o rigid``
-(o motion, for a moved sequence). The template's brain mask, which includes the sulcal CSF, and
-the head's brain differ by a few millimetres at the surface: a layer of CSF (a smooth shell,
-up to ~5 mm outside the phantom's brain, never over the scalp's fat) fills the gap, as the
-subarachnoid space does.
+(o motion, for a moved sequence). Inside the phantom's brain mask (which includes the sulcal
+CSF) the image is the phantom's; the mask's outermost voxels, which the phantom drew half from
+its zero background, are completed half with what lies outside. The template's brain and the
+head's differ by a few millimetres at the surface: a layer of CSF (a smooth shell, up to ~5 mm
+outside the phantom's brain, never over the scalp's fat) fills the gap, as the subarachnoid
+space does; the rest outside the brain is the head. The eyes' globes (centres located once in
+the placed head) hold vitreous fluid.
 
 What is approximated.
 
 - Contrast outside the brain comes from the single T1 head: T1 as is (scaled so that the head's
   white matter matches the phantom's), CT1 the same with the phantom's post-contrast gain, and T2
   and FLAIR through a monotone map of the T1 intensity (:data:`_HEAD_CONTRAST`): bone and air
-  dark, muscle dark-grey, skin grey, fat bright (fast spin echo). Structures whose T2 differs from
-  what their T1 suggests are wrong: the vitreous of the eyes, the sinuses' mucosa and the CSF
-  around the spinal cord stay dark on T2. Nothing enhances outside the brain on CT1 (no dura,
-  mucosa or vessels).
+  dark, muscle dark-grey, skin grey, fat bright (fast spin echo). The CSF layer and the vitreous
+  take the fluid's contrast of each sequence. Other structures whose T2 differs from what their T1
+  suggests are wrong: the sinuses' mucosa, the inner ear and the CSF around the spinal cord below
+  the phantom's brain stay dark on T2. Nothing enhances outside the brain on CT1 (no dura, mucosa
+  or vessels).
 - The head is an average of many heads: its skull and scalp are smoother than one person's.
+  Placed by an affine, it fits the brain closely but not exactly (hence the CSF layer).
 - The noise added outside the brain is Rician with a level drawn per sequence (2-3.5 % of white
   matter); the phantom brain keeps its own noise and bias field (no new noise inside the brain).
 - 2D slices are simulated with a Gaussian slice profile and no slice gap, crosstalk or
@@ -57,7 +62,8 @@ What is approximated.
 Everything random derives from the seed and the study's name (:func:`study_seed`): the same seed
 gives the same arrays and files. Building one 1 mm study takes a few seconds.
 
-May import: core, imaging (and this package).
+Only heads whose placement was determined are accepted (:func:`load_head` recognises them by
+their voxels). May import: core, imaging (and this package).
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ import json
 import math
 import re
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -91,27 +97,45 @@ __all__ = [
     "Head",
     "Acquisition",
     "load_head",
+    "parse_variants",
     "native_to_template",
     "study_seed",
     "plan_acquisitions",
     "make_clinical_study",
     "make_clinical_cohort",
+    "acquisitions_of",
+    "dicom_ids",
 ]
 
 VARIANTS: tuple[str, ...] = ("head", "thick", "oblique", "dicom")
 CLINICAL_TRUTH_CSV = "clinical_truth.csv"
 
-# Known heads: sha256 of the voxel array (int16, as stored) -> name, template->head affine (matrix
-# row-major, translation, centre; ITK convention: maps template points to head points, LPS mm) and
-# the head's white-matter intensity (median inside the template's WM, fraction > 0.9, after
-# placement). Determined once as described in the module docstring; rounded to 1e-4.
-_KNOWN_HEADS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...], tuple[float, ...], float]] = {
-    "523e7e561f2961125535014cfb484ed27526dceda4beab7c777f3c522c9fc5a6": (
-        "pydeface 2.1.0 mean_reg2mean.nii.gz",
-        (0.8996, 0.0704, -0.0112, -0.0686, 0.9188, 0.1401, 0.0114, -0.1104, 0.8412),
-        (5.5998, -17.6233, -6.5029),
-        (0.0, 21.3456, 10.6028),
-        340.5,
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a known head sits relative to the template; determined once (module docstring)."""
+
+    name: str
+    matrix: tuple[float, ...]  # template -> head affine (ITK: row-major matrix, translation, centre; LPS mm)
+    translation: tuple[float, float, float]
+    centre: tuple[float, float, float]
+    wm_level: float  # the head's WM intensity: median inside the template's WM (fraction > 0.9), placed
+    eyes: tuple[tuple[float, float, float], ...]  # eye globe centres, template LPS mm
+    eye_radius_mm: float
+
+
+# Known heads by the sha256 of their voxel array (as stored), rounded to 1e-4 mm. The globes were
+# found as the darkest 10 mm balls ringed by bright orbital fat in the placed head (T1 vitreous
+# ~0.26 of WM, ring ~0.56).
+_KNOWN_HEADS: dict[str, _Placement] = {
+    "523e7e561f2961125535014cfb484ed27526dceda4beab7c777f3c522c9fc5a6": _Placement(
+        name="pydeface 2.1.0 mean_reg2mean.nii.gz",
+        matrix=(0.8996, 0.0704, -0.0112, -0.0686, 0.9188, 0.1401, 0.0114, -0.1104, 0.8412),
+        translation=(5.5998, -17.6233, -6.5029),
+        centre=(0.0, 21.3456, 10.6028),
+        wm_level=340.5,
+        eyes=((31.0, -57.0, -41.0), (-32.0, -56.0, -41.0)),
+        eye_radius_mm=11.0,
     ),
 }
 
@@ -125,12 +149,17 @@ _HEAD_CONTRAST: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "FLAIR": ((0.0, 0.3, 0.6, 0.85, 1.05, 1.4), (0.0, 0.10, 0.40, 0.65, 0.95, 1.05)),
 }
 
+# The eyes' vitreous (relative to the phantom's T1 WM, as _INTENSITY): fluid, so dark on T1 and
+# FLAIR, bright on T2; the T1 head cannot tell it from bone (its T1 is as dark).
+_VITREOUS = {"CT1": 0.24, "T1": 0.22, "T2": 1.6, "FLAIR": 0.08}
+
 # Field of view around the brain's bounding box (mm, scanner LPS axes: lo = right, anterior,
 # inferior; hi = left, posterior, superior): enough for the skull, scalp, face and upper neck.
 _HEAD_MARGIN_LO = (30.0, 45.0, 60.0)
 _HEAD_MARGIN_HI = (30.0, 30.0, 25.0)
 _CSF_SHELL_SIGMA_MM = 2.5
 _THICK_SPACING = (0.9, 0.9, 5.0)
+_THICK_MODALITIES = ("T2", "FLAIR")
 _MAX_MOTION_DEG = 3.0
 _MAX_MOTION_MM = 3.0
 
@@ -153,18 +182,26 @@ _DICOM_SERIES: dict[str, dict[str, object]] = {
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class Head:
     """A full-head T1 and where it sits relative to the phantom's template."""
 
     name: str
-    image: sitk.Image  # float32, as stored
+    image: sitk.Image  # 2 components: the T1 (float32, as stored) and the eyes' vitreous weight (0..1)
     to_head: sitk.AffineTransform  # template (ICBM152 2009a) points -> head points, LPS mm
     wm_level: float  # the head's white-matter intensity
+    _smoothed: dict[float, sitk.Image] = field(default_factory=dict, repr=False, compare=False)
 
     def smoothed(self, spacing_mm: float) -> sitk.Image:
-        """The head anti-aliased for sampling at ``spacing_mm`` (itself when that is not coarser)."""
-        return _smoothed_head(self, float(spacing_mm))
+        """:attr:`image` anti-aliased for sampling at ``spacing_mm`` (itself when that is not coarser)."""
+        source = min(self.image.GetSpacing())
+        if spacing_mm <= 1.2 * source:
+            return self.image
+        key = round(float(spacing_mm), 3)
+        if key not in self._smoothed:
+            self._smoothed.clear()  # one at a time: ~50 MB each
+            self._smoothed[key] = sitk.SmoothingRecursiveGaussian(self.image, _antialias_sigma(key, source))
+        return self._smoothed[key]
 
 
 def load_head(path: Path | str) -> Head:
@@ -183,28 +220,46 @@ def load_head(path: Path | str) -> Head:
         raise RANOInputError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
     digest = hashlib.sha256(sitk.GetArrayViewFromImage(image).tobytes()).hexdigest()
     if digest not in _KNOWN_HEADS:
-        known = "; ".join(v[0] for v in _KNOWN_HEADS.values())
+        known = "; ".join(v.name for v in _KNOWN_HEADS.values())
         raise RANOInputError(f"{path}: not a head whose placement is known (known: {known})")
-    name, matrix, translation, centre, wm = _KNOWN_HEADS[digest]
+    place = _KNOWN_HEADS[digest]
     affine = sitk.AffineTransform(3)
-    affine.SetMatrix(matrix)
-    affine.SetTranslation(translation)
-    affine.SetCenter(centre)
-    return Head(name, sitk.Cast(image, sitk.sitkFloat32), affine, wm)
+    affine.SetMatrix(place.matrix)
+    affine.SetTranslation(place.translation)
+    affine.SetCenter(place.centre)
+    t1 = sitk.Cast(image, sitk.sitkFloat32)
+    return Head(place.name, sitk.Compose(t1, _eye_weight(t1, affine, place)), affine, place.wm_level)
 
 
-_SMOOTHED: dict[tuple[int, float], sitk.Image] = {}
+def _eye_weight(head: sitk.Image, to_head: sitk.AffineTransform, place: _Placement) -> sitk.Image:
+    """The eye globes on the head's grid: 1 inside, falling to 0 over the last 2 mm."""
+    weight = np.zeros(head.GetSize()[::-1], dtype=np.float32)
+    matrix = np.array(head.GetDirection()).reshape(3, 3) * np.array(head.GetSpacing())
+    reach = place.eye_radius_mm + 2.0
+    for centre in place.eyes:
+        middle = np.array(head.TransformPhysicalPointToContinuousIndex(to_head.TransformPoint(centre)))
+        half = np.ceil(1.3 * reach / np.array(head.GetSpacing())).astype(int)
+        lo = np.maximum(np.floor(middle).astype(int) - half, 0)
+        hi = np.minimum(np.floor(middle).astype(int) + half + 1, head.GetSize())
+        if np.any(hi <= lo):
+            continue
+        idx = np.stack(np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij"), axis=-1)  # x, y, z
+        points = np.array(head.GetOrigin()) + idx.reshape(-1, 3) @ matrix.T
+        in_template = _inverse_apply(to_head, points)
+        distance = np.linalg.norm(in_template - np.array(centre), axis=1).reshape(idx.shape[:3])
+        ball = np.clip((reach - distance) / 2.0, 0.0, 1.0).transpose(2, 1, 0)  # z, y, x
+        box = tuple(slice(l, h) for l, h in zip(lo[::-1], hi[::-1]))
+        weight[box] = np.maximum(weight[box], ball)
+    out = sitk.GetImageFromArray(weight)
+    out.CopyInformation(head)
+    return out
 
 
-def _smoothed_head(head: Head, spacing: float) -> sitk.Image:
-    source = min(head.image.GetSpacing())
-    if spacing <= 1.2 * source:
-        return head.image
-    key = (id(head.image), round(spacing, 3))
-    if key not in _SMOOTHED:
-        _SMOOTHED.clear()  # one at a time: a head is ~30 MB
-        _SMOOTHED[key] = sitk.SmoothingRecursiveGaussian(head.image, _antialias_sigma(spacing, source))
-    return _SMOOTHED[key]
+def _inverse_apply(transform: sitk.AffineTransform, points: np.ndarray) -> np.ndarray:
+    """The inverse of an affine transform applied to (N, 3) points."""
+    flat = _affine([transform])
+    matrix = np.array(flat.GetMatrix()).reshape(3, 3)
+    return (points - np.array(flat.GetTranslation())) @ np.linalg.inv(matrix).T
 
 
 def _antialias_sigma(target_mm: float, source_mm: float) -> float:
@@ -251,6 +306,7 @@ class Acquisition:
 
     modality: str
     kind: str  # "3D" or "2D"
+    layout: str  # padded (the native grid padded to the head), head (oblique, whole head), axial, sagittal
     direction: tuple[float, ...]
     origin: tuple[float, float, float]
     spacing: tuple[float, float, float]
@@ -302,74 +358,94 @@ def _brain_box(brain: np.ndarray, native: sitk.Image) -> tuple[np.ndarray, np.nd
     return np.minimum(lo, hi), np.maximum(lo, hi)
 
 
-def _covering_grid(corners: np.ndarray, direction: np.ndarray, spacing: Sequence[float],
-                   motion: sitk.Transform) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
-    """Origin and size of a grid of ``direction``/``spacing`` that covers scanner points
-    ``corners`` as the moved head presents them (acquisition points = motion^-1(corners))."""
+def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The 8 corners of an axis-aligned box."""
+    return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+
+
+def _extent_along(corners: np.ndarray, direction: np.ndarray, motion: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) coordinates along the image axes of ``direction`` of scanner points ``corners``,
+    as the moved head presents them (acquisition points = motion^-1(corners))."""
     inverse = motion.GetInverse()
     points = np.array([inverse.TransformPoint([float(v) for v in c]) for c in corners])
-    axes = points @ direction  # coordinates along the image axes
-    lo, hi = axes.min(axis=0), axes.max(axis=0)
-    size = tuple(int(math.ceil((h - l) / s - 1e-6)) + 1 for l, h, s in zip(lo, hi, spacing))
-    origin = tuple(float(v) for v in direction @ lo)
-    return origin, size  # type: ignore[return-value]
+    axes = points @ direction
+    return axes.min(axis=0), axes.max(axis=0)
+
+
+def _layout(variant: str, modality: str) -> str:
+    """How ``variant`` stores ``modality``: padded (the native grid padded to the head), head
+    (an oblique grid over the whole head), axial (2D slices) or sagittal (a 3D slab)."""
+    thick = modality in _THICK_MODALITIES
+    if variant == "head" or (variant == "thick" and not thick):
+        return "padded"
+    if variant == "oblique":
+        return "head"
+    return "axial" if thick else "sagittal"
 
 
 def plan_acquisitions(variant: str, native: sitk.Image, brain: np.ndarray,
                       rng: np.random.Generator) -> dict[str, Acquisition]:
     """Each sequence's acquisition for ``variant`` (see the module docstring).
 
-    ``native``: the phantom timepoint's grid (axis-aligned), ``brain``: its brain voxels.
-    Every field of view covers the brain with at least 10 mm to spare.
+    ``native``: the phantom timepoint's grid (axis-aligned), ``brain``: its brain voxels. Fields
+    of view as a technologist sets them: the whole head for ``head`` and ``oblique``; 220-240 mm
+    square axial planes and slices over the brain (+4-12 mm) for 2D series; 240-256 mm square
+    sagittal planes (centred 15 mm below the brain's centre) and a slab over the brain (+20-30 mm
+    each side) for 3D sagittal series. Every field of view covers the brain. The motion of T1, T2
+    and FLAIR (``oblique``, ``dicom``) is relative to CT1, the study's reference.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
     sp = float(native.GetSpacing()[0])
     lo, hi = _brain_box(brain, native)
     centre = tuple(float(v) for v in (lo + hi) / 2)
-    head_lo, head_hi = lo - np.array(_HEAD_MARGIN_LO), hi + np.array(_HEAD_MARGIN_HI)
-
-    def corners(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.array([[x, y, z] for x in (a[0], b[0]) for y in (a[1], b[1]) for z in (a[2], b[2])])
-
     plans: dict[str, Acquisition] = {}
     for modality in MODALITIES:
-        # Draw everything for every variant and modality, so each variant's draws are stable.
-        own_lo = lo - np.maximum(10.0, np.array(_HEAD_MARGIN_LO) * rng.uniform(0.6, 1.0, 3))
-        own_hi = hi + np.maximum(10.0, np.array(_HEAD_MARGIN_HI) * rng.uniform(0.6, 1.0, 3))
-        axis = rng.normal(size=3)
-        oblique_deg = rng.uniform(10.0, 20.0)
+        # Every draw happens for every variant and modality, so that each variant's draws are stable.
+        head_margins = (np.array(_HEAD_MARGIN_LO) * rng.uniform(0.7, 1.0, 3),
+                        np.array(_HEAD_MARGIN_HI) * rng.uniform(0.7, 1.0, 3))
+        plane_mm, sagittal_mm = rng.uniform(220.0, 240.0), rng.uniform(240.0, 256.0)
+        slab_mm, side_mm, offset_mm = rng.uniform(4.0, 12.0, 2), rng.uniform(20.0, 30.0, 2), rng.uniform(-5, 5, 2)
+        axis, oblique_deg = rng.normal(size=3), rng.uniform(10.0, 20.0)
         tilt_deg = rng.uniform(8.0, 18.0)  # axial slices tilted about left-right, as along AC-PC
         angles = rng.uniform(-_MAX_MOTION_DEG, _MAX_MOTION_DEG, 3)
         shift = rng.uniform(-_MAX_MOTION_MM, _MAX_MOTION_MM, 3)
-        thick = modality in ("T2", "FLAIR")
-        moved = modality != "CT1"  # motion relative to CT1, the study's reference
-        if variant == "head" or (variant == "thick" and not thick):
-            direction, spacing, kind, box, motion = _AXIAL, (sp, sp, sp), "3D", None, False
-        elif variant == "thick":
-            direction, spacing, kind, box, motion = _AXIAL, _THICK_SPACING, "2D", (own_lo, own_hi), False
-        elif variant == "oblique":
-            direction, spacing, kind, box, motion = (_rotation(axis, oblique_deg), (sp, sp, sp), "3D",
-                                                     (own_lo, own_hi), moved)
-        elif thick:  # dicom
-            direction, spacing, kind, box, motion = (_rotation(np.array([1.0, 0, 0]), tilt_deg), _THICK_SPACING,
-                                                     "2D", (own_lo, own_hi), moved)
+
+        layout = _layout(variant, modality)
+        moved = modality != "CT1" and variant in ("oblique", "dicom")
+        spacing = _THICK_SPACING if layout == "axial" else (sp, sp, sp)
+        direction = {"padded": _AXIAL, "head": _rotation(axis, oblique_deg),
+                     "axial": _AXIAL if variant == "thick" else _rotation(np.array([1.0, 0.0, 0.0]), tilt_deg),
+                     "sagittal": _rotation(axis, oblique_deg / 2) @ _SAGITTAL}[layout]
+        motion_deg = tuple(float(round(a, 4)) for a in angles) if moved else (0.0, 0.0, 0.0)
+        motion_mm = tuple(float(round(v, 4)) for v in shift) if moved else (0.0, 0.0, 0.0)
+        acq = Acquisition(modality, "2D" if layout == "axial" else "3D", layout,
+                          tuple(float(v) for v in direction.ravel()),
+                          (0.0, 0.0, 0.0), spacing, (1, 1, 1), float(spacing[2]), motion_deg,  # type: ignore[arg-type]
+                          motion_mm, centre)  # type: ignore[arg-type]
+
+        if layout == "padded":  # the native grid padded by whole voxels to the head: brain voxels stay put
+            start = np.array(native.GetOrigin())
+            end = start + (np.array(native.GetSize()) - 1) * sp
+            first = start - np.maximum(0, np.ceil((start - lo + _HEAD_MARGIN_LO) / sp)) * sp
+            last = end + np.maximum(0, np.ceil((hi + _HEAD_MARGIN_HI - end) / sp)) * sp
         else:
-            direction, spacing, kind, box, motion = (_rotation(axis, oblique_deg / 2) @ _SAGITTAL, (sp, sp, sp),
-                                                     "3D", (own_lo, own_hi), moved)
-        motion_deg = tuple(float(round(a, 4)) for a in angles) if motion else (0.0, 0.0, 0.0)
-        motion_mm = tuple(float(round(s, 4)) for s in shift) if motion else (0.0, 0.0, 0.0)
-        acq = Acquisition(modality, kind, tuple(float(v) for v in direction.ravel()), (0.0, 0.0, 0.0),
-                          tuple(float(v) for v in spacing), (1, 1, 1), float(spacing[2]),
-                          motion_deg, motion_mm, centre)  # type: ignore[arg-type]
-        if box is None:  # the native grid padded by whole voxels to the head: brain voxels stay put
-            pad_lo = np.maximum(0, np.ceil((np.array(native.GetOrigin()) - head_lo) / sp)).astype(int)
-            end = np.array(native.GetOrigin()) + (np.array(native.GetSize()) - 1) * sp
-            pad_hi = np.maximum(0, np.ceil((head_hi - end) / sp)).astype(int)
-            origin = tuple(float(v) for v in np.array(native.GetOrigin()) - pad_lo * sp)
-            size = tuple(int(v) for v in np.array(native.GetSize()) + pad_lo + pad_hi)
-        else:
-            origin, size = _covering_grid(corners(*box), direction, spacing, acq.motion())
+            b_lo, b_hi = _extent_along(_box_corners(lo, hi), direction, acq.motion())
+            mid = (b_lo + b_hi) / 2
+            if layout == "head":
+                first, last = _extent_along(_box_corners(lo - head_margins[0], hi + head_margins[1]), direction,
+                                            acq.motion())
+            elif layout == "axial":
+                half = np.array([plane_mm / 2, plane_mm / 2])
+                first = np.array([*(mid[:2] - half + offset_mm), b_lo[2] - slab_mm[0]])
+                last = np.array([*(mid[:2] + half + offset_mm), b_hi[2] + slab_mm[1]])
+            else:  # sagittal: anterior-posterior x superior-inferior planes, a left-right slab
+                half = np.array([sagittal_mm / 2, sagittal_mm / 2])
+                low = mid[:2] + offset_mm + np.array([0.0, 15.0])
+                first = np.array([*(low - half), b_lo[2] - side_mm[0]])
+                last = np.array([*(low + half), b_hi[2] + side_mm[1]])
+        size = tuple(int(math.ceil((e - f) / s - 1e-6)) + 1 for f, e, s in zip(first, last, spacing))
+        origin = tuple(float(v) for v in direction @ first)
         plans[modality] = Acquisition(**{**asdict(acq), "origin": origin, "size": size})
     return plans
 
@@ -386,7 +462,8 @@ def study_seed(seed: int, patient: str, date: str, variant: str) -> np.random.Se
 
 
 def _sample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.Resample(image, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    """``image`` (float32, scalar or vector) at ``grid``'s points moved by ``transform``; 0 outside."""
+    return sitk.GetArrayFromImage(sitk.Resample(image, grid, transform, sitk.sitkLinear, 0.0))
 
 
 def _smooth_axis(array: np.ndarray, grid: sitk.Image, axis: int, sigma_mm: float) -> np.ndarray:
@@ -449,11 +526,11 @@ class _StudyScene:
         self.scale = {m: float(np.median(self.arrays[m][brain])) / float(np.median(tpl.normal[m][tpl.brain]))
                       for m in MODALITIES}
         self._grid_key: tuple = ()
-        self._grid_maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._grid_maps: tuple[np.ndarray, ...] | None = None
 
-    def _maps(self, grid: sitk.Image, motion: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(brain weight, head T1 relative to its white matter, CSF layer weight) on ``grid``,
-        shared by the sequences acquired on the same grid."""
+    def _maps(self, grid: sitk.Image, motion: sitk.Transform | None) -> tuple[np.ndarray, ...]:
+        """(brain weight, head T1 relative to its white matter, CSF layer weight, vitreous
+        weight) on ``grid``, shared by the sequences acquired on the same grid."""
         key = (grid.GetOrigin(), grid.GetSpacing(), grid.GetSize(), grid.GetDirection(), str(motion))
         if key != self._grid_key or self._grid_maps is None:
             if motion is None:
@@ -463,17 +540,18 @@ class _StudyScene:
                 weight = np.clip(_sample(self.mask, grid, motion), 0.0, 1.0)
             near = _sample(self.near, grid, motion)
             chain = _affine([self.head.to_head, self.to_template, motion])
-            r = _sample(self.head.smoothed(min(grid.GetSpacing())), grid, chain)
-            r *= np.float32(1.0 / self.head.wm_level)
+            head = _sample(self.head.smoothed(min(grid.GetSpacing())), grid, chain)
+            r = head[..., 0] * np.float32(1.0 / self.head.wm_level)
+            eyes = head[..., 1] * np.clip((0.5 - r) / 0.15, 0.0, 1.0)  # the dark inside of the globes
             shell = np.clip((near - 0.02) / 0.13, 0.0, 1.0) * np.clip((1.05 - r) / 0.15, 0.0, 1.0)
             shell *= 1.0 - weight  # what the phantom does not cover
-            self._grid_key, self._grid_maps = key, (weight, r, shell.astype(np.float32))
+            self._grid_key, self._grid_maps = key, (weight, r, shell.astype(np.float32), eyes.astype(np.float32))
         return self._grid_maps
 
     def compose(self, modality: str, grid: sitk.Image, motion: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray]:
         """(image, brain weight) of one sequence on ``grid``: the phantom brain, a CSF layer,
         the head outside; no noise yet. ``motion`` None: ``grid`` pads the native grid."""
-        weight, r, shell = self._maps(grid, motion)
+        weight, r, shell, eyes = self._maps(grid, motion)
         if motion is None:
             phantom = self._padded(grid, self.arrays[modality])
         else:
@@ -483,6 +561,7 @@ class _StudyScene:
             head = r * np.float32(knots_out[1] / knots_in[1])
         else:
             head = np.interp(r, knots_in, knots_out).astype(np.float32)
+        head += eyes * (np.float32(_VITREOUS[modality]) - head)
         outside = shell * np.float32(_INTENSITY[modality]["csf"]) + (1.0 - weight - shell) * head
         return phantom + np.float32(self.scale[modality]) * outside, weight
 
@@ -519,11 +598,7 @@ def _acquire(scene: _StudyScene, acq: Acquisition, rng: np.random.Generator) -> 
         value = _smooth_axis(value, fine, 2, sigma)[::k]
         weight = _smooth_axis(weight, fine, 2, sigma)[::k]
     else:
-        moved = any(acq.motion_deg) or any(acq.motion_mm)
-        offset = (np.array(acq.origin) - np.array(scene.native.GetOrigin())) / np.array(acq.spacing)
-        padded = (not moved and np.allclose(acq.direction, np.eye(3).ravel())
-                  and np.allclose(acq.spacing, scene.native.GetSpacing()) and np.allclose(offset, np.rint(offset)))
-        value, weight = scene.compose(acq.modality, grid, None if padded else acq.motion())
+        value, weight = scene.compose(acq.modality, grid, None if acq.layout == "padded" else acq.motion())
     sigma = noise_fraction * scene.scale[acq.modality] * _INTENSITY[acq.modality]["wm"]
     noise_rng = np.random.default_rng(noise_ss)
     amplitude = ((1.0 - weight) * sigma).astype(np.float32)
@@ -560,6 +635,8 @@ def make_clinical_study(study_dir: Path | str, head: Head, to_template: sitk.Tra
     shuffled file names (``patient_id``, ``study_uid``, ``study_date`` go into the tags).
     Returns each sequence's acquisition.
     """
+    if variant == "dicom" and study_uid is None:
+        raise ValueError("the dicom variant needs a study_uid")
     out = Path(out)
     rng = np.random.default_rng(seed)
     scene = _StudyScene(Path(study_dir), head, to_template)
@@ -574,14 +651,22 @@ def make_clinical_study(study_dir: Path | str, head: Head, to_template: sitk.Tra
         from RANOResponseLib.phantom.dicom_export import write_series
 
         tags = _DICOM_SERIES[modality]
-        if study_uid is None:
-            raise ValueError("the dicom variant needs a study_uid")
         write_series(image, out / "DICOM" / f"{tags['number']:03d}", description=str(tags["description"]),
                      protocol=str(tags["protocol"]), tr=float(tags["tr"]), te=float(tags["te"]),  # type: ignore[arg-type]
                      ti=tags["ti"], contrast=tags["contrast"], patient_id=patient_id,  # type: ignore[arg-type]
                      study_uid=study_uid, shuffle_names=True, series_number=int(tags["number"]),  # type: ignore[arg-type]
                      study_date=study_date, extra={"MRAcquisitionType": tags["acquisition"]})
     return plans
+
+
+def parse_variants(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"head,dicom"`` (or a sequence of names) -> the variants, checked against :data:`VARIANTS`."""
+    names = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise RANOInputError(f"--clinical-variants: unknown {', '.join(unknown) or '(none given)'} "
+                             f"(choose from {', '.join(VARIANTS)})")
+    return tuple(dict.fromkeys(names))
 
 
 def make_clinical_cohort(root: Path | str, head: Head | Path | str, out: Path | str | None = None,
@@ -599,9 +684,7 @@ def make_clinical_cohort(root: Path | str, head: Head | Path | str, out: Path | 
     root = Path(root)
     out = Path(out) if out is not None else root / "clinical"
     say = progress or (lambda _msg: None)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise RANOInputError(f"unknown clinical variant(s) {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    variants = parse_variants(variants)
     truth_csv = root / TRUTH_CSV
     if not truth_csv.is_file():
         raise RANOInputError(f"{root}: no {TRUTH_CSV} (not a phantom cohort folder)")
