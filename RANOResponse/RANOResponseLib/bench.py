@@ -4,6 +4,11 @@ Prints medians over ``--runs`` repetitions (after one warm-up) of each stage of 
 with and without attributions, the end-to-end time of the ``rano-response predict`` command
 (a fresh process: imports included), the peak resident memory, and the ratios the project
 tracks (targets: end to end < 20 s on 2 CPU cores, maps <= 2.5x a prediction).
+
+With ``--head`` (``make bench`` passes pydeface's mean head), one more line: the same command on
+the pair as a scanner gives it, an unstripped DICOM pair (full head; 3D T1/CT1 at the bench's
+spacing, 5 mm T2/FLAIR, each sequence its own acquisition), so brain extraction, the
+within-study registrations and DICOM reading are timed too (target <= 30 s on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -61,13 +66,31 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir: Path | None = None) -> int:
-    from RANOResponseLib.demo import demo_case
+def _predict_command(baseline: Path, followup: Path, work: Path, device: str, runs: int) -> tuple[list[float], list[float]]:
+    """Wall times and peak resident memory (MiB) of ``runs`` fresh ``rano-response predict`` processes."""
+    times, peaks = [], []
+    for _ in range(runs):
+        out = Path(tempfile.mkdtemp(dir=work)) / "out"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _CHILD, "predict", "--baseline", str(baseline),
+                               "--followup", str(followup), "--out", str(out), "--device", device, "--quiet"],
+                              check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        times.append(time.perf_counter() - t0)
+        peaks.extend(float(ln.split()[1]) for ln in proc.stderr.splitlines() if ln.startswith("peak_mib "))
+        shutil.rmtree(out.parent)
+    return times, peaks
+
+
+def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir: Path | None = None,
+              head: Path | None = None) -> int:
+    from RANOResponseLib.demo import clinical_case, demo_case
     from RANOResponseLib.inference.pipeline import predict_pair, write_outputs
     from RANOResponseLib.mrml.outputs import output_writers
 
     work = Path(workdir or Path(tempfile.gettempdir()) / "rano-response-bench")
     baseline, followup, _ = demo_case(work / f"phantom-{spacing:g}mm", spacing=spacing)
+    if head is not None:  # the same case pair, unstripped and in DICOM (built before anything is timed)
+        dicom_pair = clinical_case(work / f"phantom-{spacing:g}mm", head, ("dicom", "dicom"), spacing=spacing)[:2]
     print(f"bench: {runs} runs (median, after 1 warm-up) on {baseline.parent.name} "
           f"{baseline.name} -> {followup.name}, {spacing:g} mm; torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}", flush=True)
@@ -90,17 +113,9 @@ def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir
                 timings[maps].setdefault(k, []).append(v)
     peak_inproc = _peak_mib()
 
-    e2e, peaks = [], []
-    for _ in range(runs):
-        out = Path(tempfile.mkdtemp(dir=work)) / "out"
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _CHILD, "predict", "--baseline", str(baseline),
-                               "--followup", str(followup), "--out", str(out), "--device", device, "--quiet"],
-                              check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        e2e.append(time.perf_counter() - t0)
-        peaks.extend(float(ln.split()[1]) for ln in proc.stderr.splitlines() if ln.startswith("peak_mib "))
-        shutil.rmtree(out.parent)
+    e2e, peaks = _predict_command(baseline, followup, work, device, runs)
     peak_child = max(peaks) if peaks else float("nan")
+    dicom_e2e, dicom_peaks = _predict_command(*dicom_pair, work, device, runs) if head is not None else ([], [])
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import RANOResponseLib.inference.pipeline"], check=True)
     startup = time.perf_counter() - t0
@@ -115,6 +130,11 @@ def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir
     print(f"{'predict (in-process)':16s} {pw:10.2f} {pn:12.2f}")
     print(f"\nimports (fresh process):         {startup:6.2f} s")
     print(f"rano-response predict end to end: {_median(e2e):6.2f} s  (target < 20 s on 2 CPU cores, < 3 s on a GPU)")
+    if head is not None:
+        print(f"  unstripped DICOM pair, brain extraction: {_median(dicom_e2e):6.2f} s  (target <= 30 s on 2 CPU "
+              f"cores); peak memory {max(dicom_peaks, default=float('nan')):.0f} MiB")
+    else:
+        print("  unstripped DICOM pair: not timed (give --head HEAD.nii.gz; make bench does)")
     print(f"peak memory (resident): rano-response predict {peak_child:.0f} MiB; "
           f"{2 * runs} predictions in one process {peak_inproc:.0f} MiB")
     model_ratio = (_median(timings[True]["inference"]) + _median(timings[True]["attributions"])) / \
@@ -126,6 +146,7 @@ def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir
                "stages_without_maps_s": {k: _median(v) for k, v in timings[False].items()},
                "predict_with_maps_s": pw, "predict_without_maps_s": pn, "ratio": pw / pn,
                "model_ratio": model_ratio, "end_to_end_s": _median(e2e), "imports_s": startup,
+               "end_to_end_dicom_unstripped_s": _median(dicom_e2e) if head is not None else None,
                "peak_rss_mib": {"bench": peak_inproc, "predict_command": peak_child}}
     (work / "bench.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwritten: {work / 'bench.json'}")

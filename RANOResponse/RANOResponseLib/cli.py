@@ -7,7 +7,7 @@
                            [--brain-mask auto|model|none|FILE|BASE,FOLLOW]
     rano-response bench    [--runs 3] [--spacing 1] [--head HEAD.nii.gz]
     rano-response measure  --baseline DIR --followup DIR | --prediction OUT [--out measurements.json]
-    rano-response review   import|add|status|export --db DB [...]
+    rano-response review   import|add|status|export|serve --db DB [...]
     rano-response report   --prediction OUT --out report.pdf [--db DB] [--measurements JSON]
 
 ``train`` and ``evaluate`` belong to ResponseTrainingLib: they are added by the ``rano-response``
@@ -176,6 +176,14 @@ def _cmd_review(args: argparse.Namespace) -> int:
         print(f"saved verdict {v.id}: {v.case_id} {v.label} by {v.reviewer} at {v.created_at}"
               + (f" (revises {v.supersedes})" if v.supersedes else ""))
         return 0
+    if args.review_command == "serve":
+        try:
+            from RANOResponseLib.web.router import serve
+        except ImportError as e:
+            raise RANOInputError(f"review serve needs the web extra ({e.name} is missing): "
+                                 "pip install -c constraints.txt -e '.[web]'") from None
+        return serve(args.db, args.worklist, args.host, args.port, args.token, args.outputs, args.bundle,
+                     args.device, args.max_sessions)
     if args.review_command == "status":
         with ReviewStore(args.db, create=False) as store:
             st = store.status()
@@ -251,6 +259,19 @@ def _add_review_parsers(sub: argparse._SubParsersAction) -> None:
     rx.add_argument("--out", required=True, type=Path)
     rx.add_argument("--reviewer", help="only this reviewer's verdicts")
     rx.add_argument("--history", action="store_true", help="every verdict, not only the latest per case and reviewer")
+    rw = rsub.add_parser("serve", help="review station in the browser (needs the web extra)")
+    rw.add_argument("--db", required=True, type=Path)
+    rw.add_argument("--worklist", required=True, type=Path, help="CSV of case pairs or a LUMIERE folder")
+    rw.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback a token is required)")
+    rw.add_argument("--port", type=int, default=8090)
+    rw.add_argument("--token", default=os.environ.get("RANO_REVIEW_TOKEN"),
+                    help="secret every new browser session must present (default: $RANO_REVIEW_TOKEN; generated "
+                         "and printed when listening beyond loopback)")
+    rw.add_argument("--outputs", type=Path, help="folder for predictions made by the server "
+                    "(default: DB's name + '-predictions' beside it)")
+    rw.add_argument("--bundle", type=Path, help="model bundle (default: the shipped one)")
+    rw.add_argument("--device", default="auto")
+    rw.add_argument("--max-sessions", type=int, default=16, help="browser sessions at most at once")
     rv.set_defaults(func=_cmd_review)
 
     rp = sub.add_parser("report", help="per-case PDF report (images, probabilities, measurements, verdict)")

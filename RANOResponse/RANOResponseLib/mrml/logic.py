@@ -96,13 +96,20 @@ def _tagged(scene: Any, attribute: str, values: tuple[str, ...] | None = None) -
 
 
 def result_html(summary: Mapping[str, Any]) -> str:
-    """The panel's result text: predicted class, model, and each class's probability and spread."""
+    """The panel's result text: predicted class, model, each class's probability and spread, and
+    the input guard's verdict with its reasons (e.g. "outside what the model was trained on")."""
+    from html import escape
+
     spread = summary.get("ensemble_spread", {})
     rows = "".join(f"<tr><td>{c}</td><td align='right'>{v:.2f}</td>"
                    f"<td align='right'>± {spread.get(c, 0):.2f}</td></tr>"
                    for c, v in summary["probabilities"].items())
+    check = summary.get("input_check") or {}
+    reasons = "".join(f"<li>{escape(r)}</li>" for r in check.get("reasons", []))
+    verdict = (f"<p><b>Input check: {escape(check['verdict'])}</b>" + (f"<ul>{reasons}</ul>" if reasons else "")
+               + "</p>") if check else ""
     return (f"<b>Predicted: {summary['label']}</b> &nbsp; (model {summary['bundle']['id']})"
-            f"<table>{rows}</table><i>Research use only, not for clinical use.</i>")
+            f"<table>{rows}</table>{verdict}<i>Research use only, not for clinical use.</i>")
 
 
 def transform_from_node(node: Any):

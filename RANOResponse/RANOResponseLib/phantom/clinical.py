@@ -83,6 +83,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.core.files import atomic_output_dir
 from RANOResponseLib.core.names import MODALITIES
 from RANOResponseLib.imaging.io import read_study
 from RANOResponseLib.phantom.generator import TRUTH_CSV
@@ -102,6 +103,7 @@ __all__ = [
     "study_seed",
     "plan_acquisitions",
     "make_clinical_study",
+    "make_clinical_timepoint",
     "make_clinical_cohort",
     "acquisitions_of",
     "dicom_ids",
@@ -637,25 +639,23 @@ def make_clinical_study(study_dir: Path | str, head: Head, to_template: sitk.Tra
     """
     if variant == "dicom" and study_uid is None:
         raise ValueError("the dicom variant needs a study_uid")
-    out = Path(out)
     rng = np.random.default_rng(seed)
     scene = _StudyScene(Path(study_dir), head, to_template)
     plans = plan_acquisitions(variant, scene.native, scene.brain, rng)
-    out.mkdir(parents=True, exist_ok=True)
-    for modality in MODALITIES:
-        acq = plans[modality]
-        image = _acquire(scene, acq, rng)
-        if variant != "dicom":
-            sitk.WriteImage(image, str(out / f"{modality}.nii.gz"), True)
-            continue
-        from RANOResponseLib.phantom.dicom_export import write_series
+    with atomic_output_dir(out) as stage:  # a study folder is complete or absent
+        for modality in MODALITIES:
+            image = _acquire(scene, plans[modality], rng)
+            if variant != "dicom":
+                sitk.WriteImage(image, str(stage / f"{modality}.nii.gz"), True)
+                continue
+            from RANOResponseLib.phantom.dicom_export import write_series
 
-        tags = _DICOM_SERIES[modality]
-        write_series(image, out / "DICOM" / f"{tags['number']:03d}", description=str(tags["description"]),
-                     protocol=str(tags["protocol"]), tr=float(tags["tr"]), te=float(tags["te"]),  # type: ignore[arg-type]
-                     ti=tags["ti"], contrast=tags["contrast"], patient_id=patient_id,  # type: ignore[arg-type]
-                     study_uid=study_uid, shuffle_names=True, series_number=int(tags["number"]),  # type: ignore[arg-type]
-                     study_date=study_date, extra={"MRAcquisitionType": tags["acquisition"]})
+            tags = _DICOM_SERIES[modality]
+            write_series(image, stage / "DICOM" / f"{tags['number']:03d}", description=str(tags["description"]),
+                         protocol=str(tags["protocol"]), tr=float(tags["tr"]), te=float(tags["te"]),  # type: ignore[arg-type]
+                         ti=tags["ti"], contrast=tags["contrast"], patient_id=patient_id,  # type: ignore[arg-type]
+                         study_uid=study_uid, shuffle_names=True, series_number=int(tags["number"]),  # type: ignore[arg-type]
+                         study_date=study_date, extra={"MRAcquisitionType": tags["acquisition"]})
     return plans
 
 
@@ -669,6 +669,42 @@ def parse_variants(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _truth(root: Path) -> pd.DataFrame:
+    truth_csv = root / TRUTH_CSV
+    if not truth_csv.is_file():
+        raise RANOInputError(f"{root}: no {TRUTH_CSV} (not a phantom cohort folder)")
+    return pd.read_csv(truth_csv, dtype={"date": str, "modalities": str}, keep_default_na=False)
+
+
+def _build_timepoint(root: Path, row: Mapping[str, object], head: Head, variant: str, seed: int,
+                     target: Path) -> dict[str, object]:
+    """Write one timepoint's ``variant`` into ``target``; returns its ``clinical_truth.csv`` row."""
+    patient, date = str(row["patient"]), str(row["date"])
+    folder = root / "Imaging" / patient / date
+    patient_id, study_uid = dicom_ids(seed, patient, date)
+    plans = make_clinical_study(folder, head, native_to_template(row), target, variant,
+                                study_seed(seed, patient, date, variant), patient_id=patient_id, study_uid=study_uid,
+                                study_date=_study_date(date, int(row["week"])))  # type: ignore[arg-type]
+    return {"variant": variant, "patient": patient, "date": date, "folder": str(target), "source": str(folder),
+            "patient_id": patient_id, "study_uid": study_uid,
+            **{f"acquisition_{m}": json.dumps(asdict(p)) for m, p in plans.items()}}
+
+
+def make_clinical_timepoint(root: Path | str, patient: str, date: str, head: Head | Path | str, variant: str,
+                            seed: int = 0, out: Path | str | None = None) -> Path:
+    """One timepoint of a phantom cohort in one variant, written to ``out`` (default
+    ``root/clinical/<variant>/<patient>/<date>``, the place :func:`make_clinical_cohort` uses);
+    returns the folder."""
+    root = Path(root)
+    truth = _truth(root)
+    rows = truth[(truth["patient"] == patient) & (truth["date"] == date)]
+    if len(rows) != 1 or set(str(rows.iloc[0]["modalities"]).split(";")) != set(MODALITIES):
+        raise RANOInputError(f"{root}: no timepoint {patient}/{date} with all of {', '.join(MODALITIES)}")
+    target = Path(out) if out is not None else root / "clinical" / parse_variants([variant])[0] / patient / date
+    _build_timepoint(root, rows.iloc[0], head if isinstance(head, Head) else load_head(head), variant, seed, target)
+    return target
+
+
 def make_clinical_cohort(root: Path | str, head: Head | Path | str, out: Path | str | None = None,
                          variants: Sequence[str] = VARIANTS, seed: int = 0,
                          timepoints: Iterable[tuple[str, str]] | None = None,
@@ -679,16 +715,13 @@ def make_clinical_cohort(root: Path | str, head: Head | Path | str, out: Path | 
     Writes ``out/<variant>/<patient>/<date>/`` (default ``out``: ``root/clinical``) for every
     timepoint with all four sequences (or only the ``(patient, date)`` pairs of ``timepoints``),
     and ``out/clinical_truth.csv``: one row per study (variant, patient, date, folder, source,
-    and each sequence's acquisition as JSON). Returns that table.
+    DICOM identifiers, and each sequence's acquisition as JSON). Returns that table.
     """
     root = Path(root)
     out = Path(out) if out is not None else root / "clinical"
     say = progress or (lambda _msg: None)
     variants = parse_variants(variants)
-    truth_csv = root / TRUTH_CSV
-    if not truth_csv.is_file():
-        raise RANOInputError(f"{root}: no {TRUTH_CSV} (not a phantom cohort folder)")
-    truth = pd.read_csv(truth_csv, dtype={"date": str, "modalities": str}, keep_default_na=False)
+    truth = _truth(root)
     head = head if isinstance(head, Head) else load_head(head)
     wanted = None if timepoints is None else {(p, d) for p, d in timepoints}
     rows = []
@@ -696,21 +729,11 @@ def make_clinical_cohort(root: Path | str, head: Head | Path | str, out: Path | 
         patient, date = str(row["patient"]), str(row["date"])
         if wanted is not None and (patient, date) not in wanted:
             continue
-        folder = root / "Imaging" / patient / date
-        if not folder.is_dir() or set(str(row["modalities"]).split(";")) != set(MODALITIES):
-            continue
-        to_template = native_to_template(row)
-        patient_id, study_uid = dicom_ids(seed, patient, date)
-        study_date = _study_date(date, int(row["week"]))
+        if not (root / "Imaging" / patient / date).is_dir() or set(str(row["modalities"]).split(";")) != set(MODALITIES):
+            continue  # the cohort's quirks: a missing folder or sequence
         for variant in variants:
-            target = out / variant / patient / date
-            plans = make_clinical_study(folder, head, to_template, target, variant,
-                                        study_seed(seed, patient, date, variant), patient_id=patient_id,
-                                        study_uid=study_uid, study_date=study_date)
+            rows.append(_build_timepoint(root, row, head, variant, seed, out / variant / patient / date))
             say(f"clinical {variant}: {patient}/{date}")
-            rows.append({"variant": variant, "patient": patient, "date": date, "folder": str(target),
-                         "source": str(folder), "patient_id": patient_id, "study_uid": study_uid,
-                         **{f"acquisition_{m}": json.dumps(asdict(p)) for m, p in plans.items()}})
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / CLINICAL_TRUTH_CSV, index=False)
