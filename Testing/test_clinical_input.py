@@ -39,18 +39,22 @@ from RANOResponseLib.phantom.clinical import (
     acquisitions_of,
     load_head,
     make_clinical_cohort,
-    study_seed,
     make_clinical_study,
     native_to_template,
+    study_seed,
 )
 from RANOResponseLib.phantom.generator import PhantomConfig, generate_cohort
 from realdata import pydeface_head
 
-HELD_OUT = PhantomConfig(patients=2, seed=2024, spacing=2.0, min_followups=1, max_followups=1, quirks=False)
-# Post-operative baseline -> first rated follow-up of each patient.
-PAIRS = (("Patient-001", "week-000-2", "week-015"), ("Patient-002", "week-000-2", "week-016"))
+HELD_OUT = PhantomConfig(patients=4, seed=2025, spacing=2.0, min_followups=1, max_followups=1, quirks=False)
+# Post-operative baseline -> first rated follow-up: the first two patients, rated PD and SD. Both
+# have a clear answer on the stripped original (top-two margin >= MIN_MARGIN, asserted below): on
+# a near-tie the label is not a property of the input (patients 3 and 4: CR by 0.10, a second PD).
+PAIRS = (("Patient-001", "week-000-2", "week-016"), ("Patient-002", "week-000-2", "week-015"))
 SEED = 5
 MAX_L1 = 0.1  # issue item 6: probabilities within 0.1 (L1) of the stripped original's
+MIN_MARGIN = 0.15
+PATIENT, DATE = PAIRS[0][0], PAIRS[0][2]  # the study the structural tests look at
 RAYLEIGH_MEAN_OVER_STD = math.sqrt(math.pi / 2) / math.sqrt(2 - math.pi / 2)  # 1.913
 
 
@@ -69,7 +73,7 @@ def cohort(tmp_path_factory, head) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     return root, truth, clinical
 
 
-def _row(clinical: pd.DataFrame, variant: str, patient: str = "Patient-001", date: str = "week-015") -> pd.Series:
+def _row(clinical: pd.DataFrame, variant: str, patient: str = PATIENT, date: str = DATE) -> pd.Series:
     hit = clinical[(clinical["variant"] == variant) & (clinical["patient"] == patient) & (clinical["date"] == date)]
     assert len(hit) == 1
     return hit.iloc[0]
@@ -79,7 +83,7 @@ def _array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).astype(np.float64)
 
 
-def _original(root: Path, patient: str = "Patient-001", date: str = "week-015") -> dict[str, sitk.Image]:
+def _original(root: Path, patient: str = PATIENT, date: str = DATE) -> dict[str, sitk.Image]:
     folder = root / "Imaging" / patient / date
     return {m: read_image(modality_file(folder, m)) for m in MODALITIES}
 
@@ -90,6 +94,7 @@ def test_pairs_are_held_out_from_the_shipped_bundle(cohort):
     assert data_source["config"]["seed"] != HELD_OUT.seed
     root, truth, clinical = cohort
     assert len(clinical) == len(VARIANTS) * 2 * len(PAIRS)
+    assert {truth.set_index(["patient", "date"]).loc[(p, b), "rating_written"] for p, _, b in PAIRS} == {"PD", "SD"}
     for patient, base, follow in PAIRS:
         rows = truth[truth["patient"] == patient].set_index("date")
         assert rows.loc[base, "role"] == "post-op" and rows.loc[follow, "role"] == "follow-up"
@@ -97,12 +102,15 @@ def test_pairs_are_held_out_from_the_shipped_bundle(cohort):
 
 
 def test_head_surrounds_the_brain_skull_then_scalp_then_air(cohort):
-    """Along rays leaving the brain through its upper half, T1 must go dark (CSF and bone) for
-    3-25 mm, then bright (scalp fat), then to air, within 40 mm, as in a head. (Measured: 4-18 mm
-    here; a head misplaced by 6 mm brings the scalp within 0-2 mm of the brain on one side.)"""
+    """Rays leave the brain through its upper part: T1 goes dark (CSF, bone), then bright (scalp
+    fat), then to air, as in a head, and the distance d from the brain to the scalp fat says that
+    the brain sits centred in the skull: median 5-11 mm, under 3 mm on at most 5 % of the rays,
+    and a left-right and front-back offset -3 * mean(d * direction) within 2.75 mm (a brain
+    offset by o inside a shell shortens d by o . direction). Measured on four studies: median
+    7.5-8 mm, <= 1 % under 3 mm, offsets <= 1.9 mm; the head moved by 6 mm along any axis fails
+    at least one of these."""
     root, _, clinical = cohort
-    folder = Path(_row(clinical, "head")["folder"])
-    t1 = read_image(folder / "T1.nii.gz")
+    t1 = read_image(Path(_row(clinical, "head")["folder"]) / "T1.nii.gz")
     original = _original(root)["T1"]
     brain = sitk.Resample(sitk.Cast(original != 0, sitk.sitkUInt8), t1, sitk.Transform(), sitk.sitkNearestNeighbor)
     b = sitk.GetArrayFromImage(brain).astype(bool)
@@ -111,10 +119,10 @@ def test_head_surrounds_the_brain_skull_then_scalp_then_air(cohort):
     centre = np.argwhere(b).mean(axis=0)  # z, y, x
     spacing = np.array(t1.GetSpacing())[::-1]
     golden, step = np.pi * (3 - np.sqrt(5)), 0.5
-    rays, ok = 0, 0
-    for i in range(200):  # evenly spread directions (Fibonacci sphere), upper half (LPS z up)
-        z = 1 - 2 * (i + 0.5) / 200
-        if z < 0.25:
+    distances, directions, layered = [], [], 0
+    for i in range(400):  # evenly spread directions (Fibonacci sphere) above the brain's centre (LPS z up)
+        z = 1 - 2 * (i + 0.5) / 400
+        if z < 0.1:
             continue
         r = math.sqrt(1 - z * z)
         d = np.array([z, r * math.sin(golden * i), r * math.cos(golden * i)])  # z, y, x
@@ -122,13 +130,18 @@ def test_head_surrounds_the_brain_skull_then_scalp_then_air(cohort):
         idx = idx[np.all((idx >= 0) & (idx < a.shape), axis=1)]
         last = np.flatnonzero(b[tuple(idx.T)])[-1]
         profile = a[tuple(idx[last + 1:last + 1 + int(40 / step)].T)] / wm  # the next 40 mm
-        rays += 1
         fat = np.flatnonzero(profile > 0.9)
-        if fat.size == 0 or not 3 <= fat[0] * step <= 25 or not (profile[:fat[0]] < 0.45).any():
-            continue
-        ok += bool((profile[fat[0]:] < 0.1).any())
-    assert rays > 50
-    assert ok >= 0.98 * rays, f"only {ok} of {rays} rays show brain -> 3-25 mm dark -> bright -> air"
+        distances.append(fat[0] * step if fat.size else 40.0)
+        directions.append(d)
+        layered += bool(fat.size and (profile[:fat[0]] < 0.45).any() and (profile[fat[0]:] < 0.1).any())
+    distances, directions = np.array(distances), np.array(directions)
+    offset = -3 * (distances[:, None] * directions).mean(axis=0)
+    summary = (f"median {np.median(distances):.1f} mm, {np.mean(distances < 3):.0%} under 3 mm, "
+               f"offset LR {offset[2]:.1f} AP {offset[1]:.1f} mm, {layered} of {len(distances)} rays layered")
+    assert len(distances) > 150
+    assert layered >= 0.95 * len(distances), summary
+    assert 5 <= np.median(distances) <= 11 and np.mean(distances < 3) <= 0.05, summary
+    assert abs(offset[1]) <= 2.75 and abs(offset[2]) <= 2.75, summary
 
 
 def test_full_head_keeps_the_brain_and_has_rician_background_everywhere(cohort):
@@ -247,12 +260,12 @@ def test_dicom_version_reads_back_with_the_recorded_geometry(cohort):
 
 def test_building_is_deterministic(cohort, head, tmp_path):
     root, truth, clinical = cohort
-    row = truth[(truth["patient"] == "Patient-001") & (truth["date"] == "week-015")].iloc[0]
-    source = root / "Imaging" / "Patient-001" / "week-015"
+    row = truth[(truth["patient"] == PATIENT) & (truth["date"] == DATE)].iloc[0]
+    source = root / "Imaging" / PATIENT / DATE
     again = make_clinical_study(source, head, native_to_template(row), tmp_path / "again", "thick",
-                                study_seed(SEED, "Patient-001", "week-015", "thick"))
+                                study_seed(SEED, PATIENT, DATE, "thick"))
     other = make_clinical_study(source, head, native_to_template(row), tmp_path / "other", "thick",
-                                study_seed(SEED + 1, "Patient-001", "week-015", "thick"))
+                                study_seed(SEED + 1, PATIENT, DATE, "thick"))
     first = Path(_row(clinical, "thick")["folder"])
     for m in MODALITIES:
         a = sitk.GetArrayFromImage(read_image(first / f"{m}.nii.gz"))
@@ -298,8 +311,13 @@ def test_phantom_command_writes_the_clinical_versions(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def stripped_predictions(cohort):
     root = cohort[0]
-    return {p: predict_pair(root / "Imaging" / p / a, root / "Imaging" / p / b, attributions=False,
-                            notice=lambda _m: None) for p, a, b in PAIRS}
+    predictions = {p: predict_pair(root / "Imaging" / p / a, root / "Imaging" / p / b, attributions=False,
+                                   notice=lambda _m: None) for p, a, b in PAIRS}
+    for patient, result in predictions.items():
+        top, second = sorted(result.probabilities.values())[-1:-3:-1]
+        assert top - second >= MIN_MARGIN, f"{patient} is a near-tie for this bundle ({result.probabilities}): " \
+                                           "choose another held-out pair"
+    return predictions
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

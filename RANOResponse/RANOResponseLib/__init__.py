@@ -13,6 +13,7 @@ same functions. Sub-packages, lowest first; each may import only those listed be
 - :mod:`~RANOResponseLib.review`     the review store (verdicts) and the PDF case report
 - :mod:`~RANOResponseLib.mrml`       the Slicer scene (MRML nodes, slice views, the child process)
 - :mod:`~RANOResponseLib.phantom`    synthetic LUMIERE-like cohorts (tests, demos; not the runtime)
+- :mod:`~RANOResponseLib.web`        the review station in the browser (trame-slicer; the ``web`` extra)
 
 Data path: study folder (NIfTI/NRRD or DICOM) -> :func:`imaging.studies.load_study` ->
 :func:`inference.inputs.prepare_inputs` (brain masks, each study's sequences aligned by

@@ -64,6 +64,14 @@ def masked(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
     return sitk.Mask(image, sitk.Cast(mask, sitk.sitkUInt8))
 
 
+# Follow-up and baseline may lie in the scanner rotated by 10-20 degrees against each other (the
+# phantom's poses do): from the centres of mass alone, Mattes MI then stopped in a wrong optimum
+# (15-18 mm mean error) for 21 of the 108 pairs of the shipped bundle's training cohort. Starting
+# from the brains' principal axes instead brought those to 0.2-0.3 mm.
+PRINCIPAL_AXES_MIN_DEG = 5.0  # a smaller principal-axes rotation is shape noise: the centres of mass alone
+GOOD_OVERLAP = 0.95  # registered brains overlapping less (Dice): the other start is tried too
+
+
 def register_rigid(
     baseline: Study, followup: Study, params: RegistrationParams | None = None,
     masks: tuple[sitk.Image, sitk.Image] | None = None,
@@ -74,8 +82,11 @@ def register_rigid(
     changes least with enhancement). ``masks``: the baseline's and follow-up's brain masks, on
     the grids of their images; the images are then registered as brains alone (zero outside
     their masks, as skull-stripped images are), so a study and its skull-stripped copy register
-    alike. Without masks the images are taken as skull-stripped already. Initialised at the
-    centres of mass of the two brains; the metric is sampled inside the baseline brain.
+    alike. Without masks the images are taken as skull-stripped already. The metric is sampled
+    inside the baseline brain. The registration starts from the brains' principal axes when they
+    say the head turned by more than :data:`PRINCIPAL_AXES_MIN_DEG`, else from their centres of
+    mass; when the registered brains overlap less than :data:`GOOD_OVERLAP` the other start is
+    tried as well and the better overlap kept.
     """
     params = params or RegistrationParams()
     common = [m for m in params.modality_order if m in baseline.images and m in followup.images]
@@ -87,16 +98,67 @@ def register_rigid(
         fixed_image, moving_image = masked(fixed_image, masks[0]), masked(moving_image, masks[1])
     fixed = shrink_to(fixed_image, params.working_spacing_mm)
     moving = shrink_to(moving_image, params.working_spacing_mm)
-    initial = sitk.CenteredTransformInitializer(
+    fixed_mask, moving_mask = brain_mask(fixed), brain_mask(moving)
+    centres = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
+    axes, angle = principal_axes(fixed_mask, moving_mask)
+    starts = [axes, centres] if angle > PRINCIPAL_AXES_MIN_DEG else [centres]
+    best: tuple[float, RegistrationResult] | None = None
     try:
-        return _rigid(fixed, moving, brain_mask(fixed), initial, params, modality)
+        for start in starts:
+            result = _rigid(fixed, moving, fixed_mask, start, params, modality)
+            found = (overlap(fixed_mask, moving_mask, result.transform), result)
+            best = found if best is None or found[0] > best[0] else best
+            if best[0] >= GOOD_OVERLAP:
+                break
     except RuntimeError as e:
         raise RANOInputError(
             f"{followup.folder}: registration to {baseline.folder} failed "
             f"({str(e).strip().splitlines()[-1]}); are they the same patient?"
         ) from None
+    return best[1]  # type: ignore[index]
+
+
+def principal_axes(fixed_mask: sitk.Image, moving_mask: sitk.Image) -> tuple[sitk.Euler3DTransform, float]:
+    """The rigid transform (fixed point -> moving point) that lays the moving mask's centre and
+    principal axes onto the fixed mask's, and its rotation angle in degrees.
+
+    Each axis's sign is free; of the proper rotations the axes allow, the one closest to the
+    identity is taken (a head is never scanned upside down against itself).
+    """
+    (cf, vf), (cm, vm) = _inertia(fixed_mask), _inertia(moving_mask)
+    best = (np.inf, np.eye(3))
+    for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):  # det(diag(signs)) = +1
+        rotation = vm @ np.diag(signs) @ vf.T
+        if np.linalg.det(rotation) < 0:  # the eigenvector bases differ in handedness
+            rotation = vm @ np.diag([-s for s in signs]) @ vf.T
+        angle = float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
+        best = min(best, (angle, rotation), key=lambda b: b[0])
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(cf.tolist())
+    transform.SetMatrix(best[1].ravel().tolist())
+    transform.SetTranslation((cm - cf).tolist())
+    return transform, best[0]
+
+
+def _inertia(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A mask's centre of mass and principal axes (columns, by increasing extent), in LPS mm."""
+    nz = np.nonzero(sitk.GetArrayViewFromImage(mask))
+    index = np.stack([nz[2], nz[1], nz[0]]).astype(float)
+    points = np.array(mask.GetDirection()).reshape(3, 3) @ np.diag(mask.GetSpacing()) @ index
+    points += np.array(mask.GetOrigin())[:, None]
+    centre = points.mean(1)
+    return centre, np.linalg.eigh(np.cov(points - centre[:, None]))[1]
+
+
+def overlap(fixed_mask: sitk.Image, moving_mask: sitk.Image, transform: sitk.Transform) -> float:
+    """Dice of the fixed mask and the moving mask brought onto it through ``transform``."""
+    moved = sitk.GetArrayViewFromImage(
+        sitk.Resample(moving_mask, fixed_mask, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    fixed = sitk.GetArrayViewFromImage(fixed_mask) > 0
+    total = int(fixed.sum()) + int(moved.sum())
+    return 2.0 * float((fixed & moved).sum()) / total if total else 0.0
 
 
 # Within a study the sequences come from one session in one scanner frame: the motion between
@@ -123,7 +185,7 @@ def align_study(study: Study, mask: sitk.Image, reference: str,
     images = {reference: ref}
     records: dict[str, dict] = {}
     fixed = shrink_to(ref, params.working_spacing_mm)
-    fixed_mask = None
+    fixed_brain = fixed_mask = centre = None
     for m, image in study.images.items():
         if m == reference:
             continue
@@ -131,34 +193,34 @@ def align_study(study: Study, mask: sitk.Image, reference: str,
             images[m], records[m] = image, {"method": "same grid"}
             continue
         if fixed_mask is None:
-            fixed_mask = _widened(mask, fixed)
+            fixed_brain = sitk.Resample(sitk.Cast(mask, sitk.sitkUInt8), fixed, sitk.Transform(),
+                                        sitk.sitkNearestNeighbor, 0)
+            fixed_mask = sitk.BinaryDilate(fixed_brain, [max(1, int(np.ceil(MASK_MARGIN_MM / s)))
+                                                         for s in fixed.GetSpacing()])
+            centre = mask_center(mask)
         initial = sitk.Euler3DTransform()
-        initial.SetCenter(mask_center(mask))
+        initial.SetCenter(centre)
+        moving = shrink_to(image, params.working_spacing_mm)
         try:
-            result = _rigid(fixed, shrink_to(image, params.working_spacing_mm), fixed_mask, initial, params, m)
+            result = _rigid(fixed, moving, fixed_mask, initial, params, m)
         except RuntimeError as e:
             raise RANOInputError(f"{study.folder}: {m} could not be registered to {reference} "
                                  f"({str(e).strip().splitlines()[-1]})") from None
-        # NaN marks reference voxels outside the sequence's field of view: counted, then 0
-        moved = sitk.Resample(shrink_to(image, ref.GetSpacing()), ref, result.transform, sitk.sitkLinear,
-                              float("nan"), sitk.sitkFloat32)
-        arr = sitk.GetArrayFromImage(moved)
-        outside = np.isnan(arr)
-        brain = sitk.GetArrayViewFromImage(mask) > 0
-        coverage = 1.0 - float(outside[brain].sum()) / max(int(brain.sum()), 1)
-        arr[outside] = 0.0
-        aligned = sitk.GetImageFromArray(arr)
-        aligned.CopyInformation(ref)
-        images[m] = aligned
-        records[m] = {"method": "registered", **result.as_dict(), "coverage": round(coverage, 4)}
+        images[m] = sitk.Resample(shrink_to(image, ref.GetSpacing()), ref, result.transform, sitk.sitkLinear, 0.0,
+                                  sitk.sitkFloat32)
+        records[m] = {"method": "registered", **result.as_dict(),
+                      "coverage": round(_coverage(fixed_brain, moving, result.transform), 4)}
     return replace(study, images={m: images[m] for m in study.images}), records
 
 
-def _widened(mask: sitk.Image, grid: sitk.Image) -> sitk.Image:
-    """``mask`` on ``grid`` (nearest neighbour), dilated by :data:`MASK_MARGIN_MM`."""
-    on_grid = sitk.Resample(sitk.Cast(mask, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    radius = [max(1, int(np.ceil(MASK_MARGIN_MM / s))) for s in grid.GetSpacing()]
-    return sitk.BinaryDilate(on_grid, radius)
+def _coverage(brain: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """The fraction of ``brain`` (a mask) that lies inside ``moving``'s field of view through
+    ``transform`` (brain point -> moving point)."""
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    inside = sitk.GetArrayViewFromImage(sitk.Resample(ones, brain, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    voxels = sitk.GetArrayViewFromImage(brain) > 0
+    return float((inside & voxels).sum()) / max(int(voxels.sum()), 1)
 
 
 def _rigid(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, initial: sitk.Transform,

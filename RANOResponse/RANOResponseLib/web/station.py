@@ -43,8 +43,10 @@ ELEMENT_IDS = ("reviewer", "agree", "override-class", "confidence", "note", "sav
                "first-unreviewed", "probabilities", "case-title", "status", "worklist", "map", "opacity", "slice",
                "prediction-progress", "rule", "model-card")
 # (view tag, label, timepoint, modality): the 2 x 2 grid, baseline on the left
-VIEWS = (("base-ct1", "Baseline CT1", "baseline", "CT1"), ("fu-ct1", "Follow-up CT1", "followup", "CT1"),
-         ("base-flair", "Baseline FLAIR", "baseline", "FLAIR"), ("fu-flair", "Follow-up FLAIR", "followup", "FLAIR"))
+# (tags name state variables in the page: letters and digits only)
+VIEWS = (("BaselineCT1", "Baseline CT1", "baseline", "CT1"), ("FollowupCT1", "Follow-up CT1", "followup", "CT1"),
+         ("BaselineFLAIR", "Baseline FLAIR", "baseline", "FLAIR"),
+         ("FollowupFLAIR", "Follow-up FLAIR", "followup", "FLAIR"))
 
 
 def _view(tag: str, label: str) -> ViewLayoutDefinition:
@@ -114,8 +116,8 @@ class Station:
                     with html.Div(style="width: 380px; padding: 8px; overflow-y: auto; font-size: 14px;"):
                         html.H3("{{ case_title }}", id="case-title")
                         html.Div("{{ status }}", id="status", style="min-height: 2.5em;")
-                        v3.VProgressLinear(id="prediction-progress", model_value=("progress * 100",),
-                                           v_show="progress > 0 && progress < 1", height=6)
+                        html.Progress(id="prediction-progress", value=("progress",), max=1,
+                                      v_show="progress > 0 && progress < 1", style="width: 100%;")
                         with html.Div(style="margin: 6px 0;"):
                             html.Button("Previous", id="previous", click=ctrl.previous_case)
                             html.Button("Next", id="next", click=ctrl.next_case)
@@ -181,13 +183,18 @@ class Station:
         self.open_case(0)
 
     async def _refresh_worklist_loop(self) -> None:
+        """Keep the worklist's status fresh; exit when the router has gone (it owns this process)."""
+        failures = 0
         while True:
             try:
                 rows = await asyncio.to_thread(self._call, "/internal/status")
+                failures = 0
                 with self.server.state as state:
                     state.worklist = rows
             except OSError:
-                pass
+                failures += 1
+                if failures >= 10:
+                    os._exit(0)
             await asyncio.sleep(2.0)
 
     def _session(self) -> ReviewSession | None:
@@ -206,7 +213,7 @@ class Station:
         case = self.cases[self.index]
         state = self.server.state
         state.case_title = f"{self.index + 1}/{len(self.cases)}  {case.case_id}"
-        state.update({"summary": None, "probabilities": [], "model_label": "", "rule": "", "lesions": [],
+        state.update({"probabilities": [], "model_label": "", "rule": "", "lesions": [],
                       "agree": False, "note": "", "progress": 0.0})
         self.summary = None
         self._clear_case()
@@ -262,9 +269,9 @@ class Station:
         state = self.server.state
         state.model_label = pred["label"]
         state.probabilities = [{"name": c, "value": f"{p:.3f}"} for c, p in pred["probabilities"].items()]
-        if state.agree or not state.note:
-            state.override_class = pred["label"] if not self._session() or not self._session().verdict() \
-                else state.override_class
+        session = self._session()
+        if session is None or session.verdict() is None:  # no verdict of this reviewer: start from the network's
+            state.override_class = pred["label"]
         self.rule_category = info.rule.category if info.rule is not None else ""
         if info.rule is not None:
             from RANOResponseLib.rano.measurement import lesion_table
@@ -277,6 +284,9 @@ class Station:
             state.rule = "; ".join(info.notes) or "no lesion measurements"
         state.model_card = info.model_card
         scene = self.app.scene
+        roi = scene.GetNodeByID(self._nodes.roi or "")
+        if roi is not None and roi.GetDisplayNode() is not None:  # its filled box would hide the anatomy
+            roi.GetDisplayNode().SetVisibility(False)
         for tag, _, timepoint, modality in VIEWS:
             view = self.app.view_manager.get_view(tag)
             ids = getattr(self._nodes, timepoint)

@@ -35,9 +35,9 @@ from RANOResponseLib.inference.inputs import prepare_inputs
 from RANOResponseLib.model.bundle import read_bundle, set_input_statistics
 from tqdm import tqdm
 
-# The preparation's version, part of the cache key: arrays an older preparation cached (before
-# brain masks) are not reused.
-PREPARATION = "brain-mask-v1"
+# The preparation's version, part of the cache key: arrays an older preparation cached are not
+# reused (v2: brain masks, sequences aligned, registration from the brains' principal axes).
+PREPARATION = "brain-mask-v2"
 
 
 def spec_key(spec: InputSpec) -> str:
@@ -99,7 +99,8 @@ def add_input_statistics(bundle: Path | str | None, data: Path | str, cache: Pat
     pairs, _ = build_pairs(data, b.spec.modalities, pairing)
     chosen = list(pairs)[:: max(1, int(every))]
     stats = input_statistics(cache_pairs(chosen, b.spec, Path(cache), progress=progress, device=device))
-    stats["data"] = {"pairs_available": len(pairs), "every": max(1, int(every)), "pairing": pairing}
+    stats["data"] = {"name": Path(data).name, "pairs_available": len(pairs), "every": max(1, int(every)),
+                     "pairing": pairing}
     set_input_statistics(b.path, stats)
     return stats
 
