@@ -13,7 +13,7 @@ all: test
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,timm]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,timm,web]'
 	touch $(STAMP)
 
 venv: $(STAMP)

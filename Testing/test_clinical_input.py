@@ -205,7 +205,7 @@ def test_thick_slices_average_their_slab(cohort):
 
 
 def test_every_sequence_its_own_acquisition_with_the_recorded_motion(cohort):
-    _, _, clinical = cohort
+    root, _, clinical = cohort
     row = _row(clinical, "oblique")
     acqs = acquisitions_of(row)
     head_t = {m: read_image(Path(_row(clinical, "head")["folder"]) / f"{m}.nii.gz") for m in MODALITIES}
@@ -220,7 +220,8 @@ def test_every_sequence_its_own_acquisition_with_the_recorded_motion(cohort):
         assert (m == "CT1") == (max(map(abs, acqs[m].motion_deg)) == 0 and max(map(abs, acqs[m].motion_mm)) == 0)
         # Undo the recorded motion: the image lands on the head version (same scanner frame).
         reference = head_t[m]
-        brain = _array(reference) > np.percentile(_array(reference), 80)
+        original = sitk.Resample(_original(root)[m], reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
+        brain = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.Cast(original != 0, sitk.sitkUInt8), [1, 1, 1])) > 0
         undone = _array(sitk.Resample(img, reference, moved.GetInverse(), sitk.sitkLinear, 0.0))
         kept = _array(sitk.Resample(img, reference, sitk.Transform(), sitk.sitkLinear, 0.0))
         ref = _array(reference)

@@ -15,7 +15,8 @@ from RANOResponseLib.mrml.dependencies import OPTIONAL, RUNTIME, Dependency, che
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "RANOResponse" / "RANOResponseLib"
-NOT_RUNTIME = ("phantom", "demo.py", "bench.py")  # tests, demos and benchmarks, not the shipped runtime
+NOT_RUNTIME = ("phantom", "demo.py", "bench.py", "web")  # tests, demos, benchmarks and the browser station
+# (the web extra, installed on the review server, not into Slicer), not the Slicer module's runtime
 SLICER_APP = {"vtk", "vtkmodules", "slicer", "packaging", "torch"}  # Slicer itself; torch: the PyTorch extension
 
 

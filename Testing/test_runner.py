@@ -63,7 +63,8 @@ def test_apply_fills_the_scene_and_removes_its_work_folder(scene_with_studies, t
     assert job.run.wait(240) == 0, job.run.lines
     written = sorted(p.relative_to(job.out).as_posix() for p in job.out.rglob("*") if p.is_file())
     # only what the scene reads: no .mrml, no pictures
-    assert written == ["followup_to_baseline.tfm", "gradcam.nii.gz", "prediction.json", "saliency.nii.gz"]
+    assert written == ["brain_mask.nii.gz", "followup_to_baseline.tfm", "gradcam.nii.gz", "prediction.json",
+                       "saliency.nii.gz"]
     summary = json.loads((job.out / "prediction.json").read_text())
     cam_file = sitk.GetArrayFromImage(sitk.ReadImage(str(job.out / "gradcam.nii.gz")))
     nodes = finish_predict(scene, job)
@@ -81,6 +82,9 @@ def test_apply_fills_the_scene_and_removes_its_work_folder(scene_with_studies, t
     np.testing.assert_allclose(slicer.util.arrayFromVolume(gradcam), cam_file, atol=1e-6)  # held in memory
     # the nodes that came from the deleted folder no longer refer to it
     assert transform.GetStorageNode() is None and gradcam.GetStorageNode() is None
+    brain = scene.GetNodeByID(nodes.brain)  # the baseline brain mask, as a segmentation held in memory
+    assert brain.IsA("vtkMRMLSegmentationNode") and brain.GetStorageNode() is None
+    assert brain.GetSegmentation().GetNumberOfSegments() == 1
     table = scene.GetNodeByID(nodes.table)
     assert table.GetNumberOfRows() >= 4
     # no second copy of the studies: the request's nodes were reused

@@ -1,8 +1,8 @@
 """RANOResponseCLI: the ``rano-response`` program, which sits above both Lib packages.
 
 The clinical core (:mod:`RANOResponseLib.cli`: predict, measure, review, report, bench, phantom)
-never imports training code; this package adds ResponseTrainingLib's commands (train, evaluate)
-as a plugin. ``python -m RANOResponseCLI <command>`` is the same program as ``rano-response``.
+never imports training code; this package adds ResponseTrainingLib's commands (train, evaluate,
+input-stats) as a plugin. ``python -m RANOResponseCLI <command>`` is the same program as ``rano-response``.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ev.set_defaults(func=_cmd_evaluate)
     st = sub.add_parser("input-stats", help="record a bundle's input_statistics (what predict's input guard "
                         "compares with) from the LUMIERE-layout cohort it was trained on")
-    st.add_argument("--bundle", type=Path, default=None)
+    st.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the shipped bundle)")
     st.add_argument("--data", required=True, type=Path)
     st.add_argument("--cache", required=True, type=Path, help="preprocessing cache (shared with train --cache)")
     st.add_argument("--every", type=int, default=1, help="use every n-th pair only (a faster, documented subset)")

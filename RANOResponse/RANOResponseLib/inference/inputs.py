@@ -100,6 +100,7 @@ _EXTRACTORS: dict[str, Any] = {}  # device -> BrainExtractor, kept loaded betwee
 
 def extractor(device: Any):
     """The HD-BET brain extractor for ``device``, loaded once per process."""
+    # imported when first needed: a pair of skull-stripped studies never loads HD-BET
     from RANOResponseLib.model.brain_extraction import BrainExtractor
 
     key = str(device)

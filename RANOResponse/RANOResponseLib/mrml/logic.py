@@ -31,7 +31,7 @@ from RANOResponseLib.core.names import MODALITIES, REFERENCE_ORDER
 
 ROLES = ("baseline", "followup")
 MAP_CHOICES = {"Grad-CAM": "gradcam", "Saliency": "saliency"}  # the panel's map menu -> map kind
-PREDICTION_ROLES = ("transform", "gradcam", "saliency", "roi", "table")  # scene.ROLE values of a case
+PREDICTION_ROLES = ("transform", "gradcam", "saliency", "roi", "table", "brain")  # scene.ROLE values of a case
 STEP_MESSAGES = {
     "next": "End of the worklist: this is its last case.",
     "previous": "Start of the worklist: this is its first case.",

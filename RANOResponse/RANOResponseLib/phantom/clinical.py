@@ -81,6 +81,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from scipy import ndimage
 
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.files import atomic_output_dir
@@ -360,17 +361,10 @@ def _brain_box(brain: np.ndarray, native: sitk.Image) -> tuple[np.ndarray, np.nd
     return np.minimum(lo, hi), np.maximum(lo, hi)
 
 
-def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The 8 corners of an axis-aligned box."""
-    return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-
-
-def _extent_along(corners: np.ndarray, direction: np.ndarray, motion: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi) coordinates along the image axes of ``direction`` of scanner points ``corners``,
-    as the moved head presents them (acquisition points = motion^-1(corners))."""
-    inverse = motion.GetInverse()
-    points = np.array([inverse.TransformPoint([float(v) for v in c]) for c in corners])
-    axes = points @ direction
+def _extent_along(points: np.ndarray, direction: np.ndarray, motion: sitk.Euler3DTransform) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) coordinates along the image axes of ``direction`` of scanner points ``points``
+    (N, 3), as the moved head presents them (acquisition points = motion^-1(points))."""
+    axes = _inverse_apply(motion, points) @ direction
     return axes.min(axis=0), axes.max(axis=0)
 
 
@@ -401,6 +395,8 @@ def plan_acquisitions(variant: str, native: sitk.Image, brain: np.ndarray,
     sp = float(native.GetSpacing()[0])
     lo, hi = _brain_box(brain, native)
     centre = tuple(float(v) for v in (lo + hi) / 2)
+    shell = brain & ~_eroded(brain)  # the brain's outer voxels: its extent along any axes
+    points = np.array(native.GetOrigin()) + np.argwhere(shell)[:, ::-1] * np.array(native.GetSpacing())
     plans: dict[str, Acquisition] = {}
     for modality in MODALITIES:
         # Every draw happens for every variant and modality, so that each variant's draws are stable.
@@ -432,11 +428,10 @@ def plan_acquisitions(variant: str, native: sitk.Image, brain: np.ndarray,
             first = start - np.maximum(0, np.ceil((start - lo + _HEAD_MARGIN_LO) / sp)) * sp
             last = end + np.maximum(0, np.ceil((hi + _HEAD_MARGIN_HI - end) / sp)) * sp
         else:
-            b_lo, b_hi = _extent_along(_box_corners(lo, hi), direction, acq.motion())
+            b_lo, b_hi = _extent_along(points, direction, acq.motion())
             mid = (b_lo + b_hi) / 2
-            if layout == "head":
-                first, last = _extent_along(_box_corners(lo - head_margins[0], hi + head_margins[1]), direction,
-                                            acq.motion())
+            if layout == "head":  # the rotation is at most 20 degrees: the scanner's margins, along the image axes
+                first, last = b_lo - head_margins[0], b_hi + head_margins[1]
             elif layout == "axial":
                 half = np.array([plane_mm / 2, plane_mm / 2])
                 first = np.array([*(mid[:2] - half + offset_mm), b_lo[2] - slab_mm[0]])
@@ -540,14 +535,21 @@ class _StudyScene:
                 motion = sitk.Euler3DTransform()
             else:
                 weight = np.clip(_sample(self.mask, grid, motion), 0.0, 1.0)
-            near = _sample(self.near, grid, motion)
             chain = _affine([self.head.to_head, self.to_template, motion])
             head = _sample(self.head.smoothed(min(grid.GetSpacing())), grid, chain)
             r = head[..., 0] * np.float32(1.0 / self.head.wm_level)
-            eyes = head[..., 1] * np.clip((0.5 - r) / 0.15, 0.0, 1.0)  # the dark inside of the globes
-            shell = np.clip((near - 0.02) / 0.13, 0.0, 1.0) * np.clip((1.05 - r) / 0.15, 0.0, 1.0)
-            shell *= 1.0 - weight  # what the phantom does not cover
-            self._grid_key, self._grid_maps = key, (weight, r, shell.astype(np.float32), eyes.astype(np.float32))
+            # In place below: these are whole-head arrays. The eyes: the dark inside of the globes.
+            eyes = np.clip((0.5 - r) * np.float32(1 / 0.15), 0.0, 1.0)
+            eyes *= head[..., 1]
+            del head
+            # The CSF layer: near the brain, where the head is not fat, and not the phantom's brain.
+            shell = _sample(self.near, grid, motion)
+            shell -= np.float32(0.02)
+            shell *= np.float32(1 / 0.13)
+            np.clip(shell, 0.0, 1.0, out=shell)
+            shell *= np.clip((1.05 - r) * np.float32(1 / 0.15), 0.0, 1.0)
+            shell *= 1.0 - weight
+            self._grid_key, self._grid_maps = key, (weight, r, shell, eyes)
         return self._grid_maps
 
     def compose(self, modality: str, grid: sitk.Image, motion: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray]:
@@ -576,12 +578,8 @@ class _StudyScene:
 
 
 def _eroded(mask: np.ndarray) -> np.ndarray:
-    """``mask`` less its voxels that touch the outside (6-neighbourhood)."""
-    inner = mask.copy()
-    for axis in range(3):
-        for shift in (1, -1):
-            inner &= np.roll(mask, shift, axis=axis)
-    return inner
+    """``mask`` less its voxels that touch the outside (6-neighbourhood; outside the grid is outside)."""
+    return ndimage.binary_erosion(mask, border_value=0)
 
 
 def _acquire(scene: _StudyScene, acq: Acquisition, rng: np.random.Generator) -> sitk.Image:
@@ -603,10 +601,19 @@ def _acquire(scene: _StudyScene, acq: Acquisition, rng: np.random.Generator) -> 
         value, weight = scene.compose(acq.modality, grid, None if acq.layout == "padded" else acq.motion())
     sigma = noise_fraction * scene.scale[acq.modality] * _INTENSITY[acq.modality]["wm"]
     noise_rng = np.random.default_rng(noise_ss)
-    amplitude = ((1.0 - weight) * sigma).astype(np.float32)
-    real = value + amplitude * noise_rng.standard_normal(value.shape, dtype=np.float32)
-    imag = amplitude * noise_rng.standard_normal(value.shape, dtype=np.float32)
-    stored = np.clip(np.rint(np.sqrt(real * real + imag * imag)), 1, np.iinfo(np.int16).max).astype(np.int16)
+    amplitude = 1.0 - weight
+    amplitude *= np.float32(sigma)
+    # Rician: the magnitude of the signal plus complex Gaussian noise (in place: large arrays).
+    real = noise_rng.standard_normal(value.shape, dtype=np.float32)
+    real *= amplitude
+    real += value
+    real *= real
+    imag = noise_rng.standard_normal(value.shape, dtype=np.float32)
+    imag *= amplitude
+    imag *= imag
+    real += imag
+    np.sqrt(real, out=real)
+    stored = np.clip(np.rint(real, out=real), 1, np.iinfo(np.int16).max).astype(np.int16)
     image = sitk.GetImageFromArray(stored)
     image.CopyInformation(grid)
     return image
@@ -634,8 +641,9 @@ def make_clinical_study(study_dir: Path | str, head: Head, to_template: sitk.Tra
 
     ``to_template``: :func:`native_to_template` of the study. NIfTI variants write
     ``out/{CT1,T1,T2,FLAIR}.nii.gz``; ``dicom`` writes ``out/DICOM/<series number>/`` with
-    shuffled file names (``patient_id``, ``study_uid``, ``study_date`` go into the tags).
-    Returns each sequence's acquisition.
+    shuffled file names (``patient_id``, ``study_uid``, ``study_date`` go into the tags). The
+    folder appears whole or not at all (it is written in a staging folder first). Returns each
+    sequence's acquisition.
     """
     if variant == "dicom" and study_uid is None:
         raise ValueError("the dicom variant needs a study_uid")
