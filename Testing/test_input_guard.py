@@ -11,7 +11,9 @@ Guards RANOResponseLib.inference.guard / .inputs and the pipeline around them:
   reasons for thick slices (recorded in ``prediction.json``), an unusual brain or no statistics;
 * what is not a brain MRI pair (a tiny image, uniform noise) is refused with one line, exit 2,
   nothing in ``--out``;
-* ``input_statistics`` are recorded in a bundle (and in the shipped one) without touching its weights.
+* ``input_statistics`` are recorded in a bundle (and in the shipped one) without touching its weights;
+* the scene's copies of images no file holds (DICOM, resampled sequences) are 16-bit when that loses
+  nothing visible (they are what makes an unstripped DICOM pair's scene slow to save).
 
 The truth here never comes from the code under test: the noise is added by hand, masks are the
 phantom's own non-zero region, thicknesses are what the test wrote, the recipe of the shipped
@@ -344,3 +346,18 @@ def test_the_shipped_bundle_records_its_training_inputs():
     assert stats["pairs"] >= 20
     assert set(stats["channels"]) == {str(c) for c in b.spec.channels}
     assert 700 < stats["brain_volume_ml"]["min"] <= stats["brain_volume_ml"]["max"] < 2500
+
+
+def test_scene_copies_of_fileless_images_are_16_bit_when_that_loses_nothing_visible():
+    """A resampled or DICOM-read sequence has no file for the scene to refer to: its copy is
+    stored as 16-bit integers when its values span MR's usual range (rounded, so within 0.5),
+    and kept as it is when they do not (a 0-1 image would lose everything)."""
+    from RANOResponseLib.mrml.scene import _display_copy
+
+    rng = np.random.default_rng(0)
+    mr = sitk.GetImageFromArray(rng.uniform(0, 1800, (8, 9, 10)).astype(np.float32))
+    copy = _display_copy(mr)
+    assert copy.GetPixelID() == sitk.sitkInt16
+    assert np.abs(sitk.GetArrayFromImage(copy) - sitk.GetArrayFromImage(mr)).max() <= 0.5
+    unit = sitk.GetImageFromArray(rng.uniform(0, 1, (8, 9, 10)).astype(np.float32))
+    assert _display_copy(unit) is unit
