@@ -1,10 +1,16 @@
 """Brain masks without a network: skull-stripped images, mask files, volumes.
 
-A skull-stripped image (LUMIERE, BraTS, the phantom) has a background of one exact value (0 after
-stripping) over a large part of its field of view, and what is not background is brain-sized. A
-full head is not brain-sized, and a real scan's background is noise, never one exact value: a
-stripped image with noise added to its background is no longer stripped (its zeros are gone, so
-``image != 0`` would cover the field of view). Unstripped images go to the network
+A skull-stripped image (LUMIERE, BraTS, the phantom) has no skull or scalp: what is bright is one
+brain-sized blob. Two kinds are recognised:
+
+- an exact background (0 after stripping) over a large part of the field of view, the rest
+  brain-sized: the mask is everything that is not background;
+- a noisy background (a stripped image resampled, or with noise added, so that ``image != 0``
+  covers the whole field of view): the intensity foreground (Otsu on a lightly smoothed copy) is
+  one brain-sized blob with nothing bright around it, where a full head's foreground (scalp, fat,
+  muscle, face) measures litres. The mask is that blob, closed and filled.
+
+Everything else, full heads in particular, goes to the network
 (:mod:`RANOResponseLib.model.brain_extraction`).
 """
 
@@ -14,12 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.imaging.geometry import same_space, shrink_to
 from RANOResponseLib.imaging.io import image_from_voxels, read_voxels
 
 STRIPPED_MIN_BACKGROUND = 0.25  # fraction of the field of view at the background value
 STRIPPED_BRAIN_ML = (400.0, 2500.0)  # a stripped brain (with lesions, cavities, CSF); a head is larger
+NOISY_CHECK_MM = 3.0  # the noisy-background check runs on a copy this coarse (a tenth of a second)
+NOISY_STRAY_FRACTION = 0.02  # bright voxels away from the blob, as a fraction of it: a head has far more
 
 
 def _background_value(arr: np.ndarray) -> float:
@@ -33,36 +43,56 @@ def _voxel_ml(image: sitk.Image) -> float:
     return float(np.prod(image.GetSpacing())) / 1000.0
 
 
-def is_skull_stripped(image: sitk.Image) -> bool:
-    """Whether ``image`` is already skull-stripped.
+def _intensity_foreground(image: sitk.Image) -> tuple[np.ndarray, float, float]:
+    """The largest bright blob of ``image`` (Otsu on a copy smoothed by one voxel), its volume in ml,
+    and the volume of bright voxels more than two voxels away from it."""
+    smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), float(min(image.GetSpacing())))
+    bright = sitk.GetArrayFromImage(sitk.OtsuThreshold(smooth, 0, 1)).astype(bool)
+    labels, n = ndimage.label(bright)
+    if n == 0:
+        return bright, 0.0, 0.0
+    sizes = ndimage.sum(bright, labels, range(1, n + 1))
+    blob = labels == 1 + int(np.argmax(sizes))
+    stray = bright & ~ndimage.binary_dilation(blob, iterations=2)
+    return blob, float(blob.sum()) * _voxel_ml(image), float(stray.sum()) * _voxel_ml(image)
 
-    True when at least :data:`STRIPPED_MIN_BACKGROUND` of the voxels hold exactly the background
-    value (the most common value on the volume's faces) and the rest measures
-    :data:`STRIPPED_BRAIN_ML` millilitres. A full head (too large), a stripped image with noise in
-    its background (no exact background) or an empty image are not stripped.
-    """
+
+def _stripped_kind(image: sitk.Image) -> str | None:
+    """``"exact"`` (a background of one exact value), ``"noisy"`` (a noisy background around one
+    brain-sized blob) or None (not skull-stripped)."""
     arr = sitk.GetArrayViewFromImage(image)
     background = arr == _background_value(arr)
-    fraction = float(background.mean())
     volume = float((~background).sum()) * _voxel_ml(image)
-    return fraction >= STRIPPED_MIN_BACKGROUND and STRIPPED_BRAIN_ML[0] <= volume <= STRIPPED_BRAIN_ML[1]
+    if background.mean() >= STRIPPED_MIN_BACKGROUND and STRIPPED_BRAIN_ML[0] <= volume <= STRIPPED_BRAIN_ML[1]:
+        return "exact"
+    if volume < STRIPPED_BRAIN_ML[0]:
+        return None  # not even a brain's worth of signal
+    coarse = shrink_to(image, NOISY_CHECK_MM) if max(image.GetSpacing()) < NOISY_CHECK_MM else image
+    _, blob_ml, stray_ml = _intensity_foreground(coarse)
+    if STRIPPED_BRAIN_ML[0] <= blob_ml <= STRIPPED_BRAIN_ML[1] and stray_ml <= NOISY_STRAY_FRACTION * blob_ml:
+        return "noisy"
+    return None
+
+
+def is_skull_stripped(image: sitk.Image) -> bool:
+    """Whether ``image`` is already skull-stripped, with an exact or a noisy background (see the
+    module docstring). A full head, an empty image or a speck are not."""
+    return _stripped_kind(image) is not None
 
 
 def mask_from_stripped(image: sitk.Image) -> sitk.Image:
-    """The brain mask of a skull-stripped image: uint8 (0/1), everything that is not background,
-    with enclosed background (dark cavities, zeros inside the brain) filled."""
+    """The brain mask of a skull-stripped image: uint8 (0/1) with enclosed background (dark
+    cavities, zeros inside the brain) filled. With an exact background: everything that is not
+    background; with a noisy one: the intensity foreground's brain blob, closed by one voxel."""
     arr = sitk.GetArrayViewFromImage(image)
-    mask = sitk.GetImageFromArray((arr != _background_value(arr)).astype(np.uint8))
+    if _stripped_kind(image) == "noisy":
+        blob, _, _ = _intensity_foreground(image)
+        inside = ndimage.binary_closing(blob, iterations=1)
+    else:
+        inside = arr != _background_value(arr)
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
     mask.CopyInformation(image)
     return sitk.BinaryFillhole(mask, fullyConnected=False, foregroundValue=1)
-
-
-def same_space(a: sitk.Image, b: sitk.Image, tolerance_mm: float = 1e-3) -> bool:
-    """Whether two images share one voxel grid (size, spacing, origin, direction)."""
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=tolerance_mm)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=tolerance_mm)
-            and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-5))
 
 
 def read_mask(path: Path | str, reference: sitk.Image) -> sitk.Image:
