@@ -57,7 +57,7 @@ def _intensity_foreground(image: sitk.Image) -> tuple[np.ndarray, float, float]:
     return blob, float(blob.sum()) * _voxel_ml(image), float(stray.sum()) * _voxel_ml(image)
 
 
-def _stripped_kind(image: sitk.Image) -> str | None:
+def stripped_kind(image: sitk.Image) -> str | None:
     """``"exact"`` (a background of one exact value), ``"noisy"`` (a noisy background around one
     brain-sized blob) or None (not skull-stripped)."""
     arr = sitk.GetArrayViewFromImage(image)
@@ -77,15 +77,16 @@ def _stripped_kind(image: sitk.Image) -> str | None:
 def is_skull_stripped(image: sitk.Image) -> bool:
     """Whether ``image`` is already skull-stripped, with an exact or a noisy background (see the
     module docstring). A full head, an empty image or a speck are not."""
-    return _stripped_kind(image) is not None
+    return stripped_kind(image) is not None
 
 
-def mask_from_stripped(image: sitk.Image) -> sitk.Image:
+def mask_from_stripped(image: sitk.Image, kind: str | None = None) -> sitk.Image:
     """The brain mask of a skull-stripped image: uint8 (0/1) with enclosed background (dark
     cavities, zeros inside the brain) filled. With an exact background: everything that is not
-    background; with a noisy one: the intensity foreground's brain blob, closed by one voxel."""
+    background; with a noisy one: the intensity foreground's brain blob, closed by one voxel.
+    ``kind``: :func:`stripped_kind` of ``image`` when the caller has it already."""
     arr = sitk.GetArrayViewFromImage(image)
-    if _stripped_kind(image) == "noisy":
+    if (kind or stripped_kind(image)) == "noisy":
         blob, _, _ = _intensity_foreground(image)
         inside = ndimage.binary_closing(blob, iterations=1)
     else:

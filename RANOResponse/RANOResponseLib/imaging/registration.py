@@ -156,9 +156,13 @@ def overlap(fixed_mask: sitk.Image, moving_mask: sitk.Image, transform: sitk.Tra
     """Dice of the fixed mask and the moving mask brought onto it through ``transform``."""
     moved = sitk.GetArrayViewFromImage(
         sitk.Resample(moving_mask, fixed_mask, transform, sitk.sitkNearestNeighbor, 0)) > 0
-    fixed = sitk.GetArrayViewFromImage(fixed_mask) > 0
-    total = int(fixed.sum()) + int(moved.sum())
-    return 2.0 * float((fixed & moved).sum()) / total if total else 0.0
+    return dice_coefficient(sitk.GetArrayViewFromImage(fixed_mask) > 0, moved)
+
+
+def dice_coefficient(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks on one grid (0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * float(np.logical_and(a, b).sum()) / total if total else 0.0
 
 
 # Within a study the sequences come from one session in one scanner frame: the motion between

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.imaging.brain import is_skull_stripped, mask_from_stripped, mask_volume_ml, read_mask
+from RANOResponseLib.imaging.brain import mask_from_stripped, mask_volume_ml, read_mask, stripped_kind
 from RANOResponseLib.imaging.geometry import field_of_view_ml
 from RANOResponseLib.imaging.io import Study
 from RANOResponseLib.imaging.preprocessing import DIFFERENCE, InputSpec, PreparedPair, prepare_pair
@@ -34,6 +34,7 @@ from RANOResponseLib.imaging.registration import (
     RegistrationResult,
     align_study,
     brain_mask,
+    dice_coefficient,
     register_rigid,
 )
 from RANOResponseLib.inference import guard
@@ -111,11 +112,12 @@ def extractor(device: Any):
 
 def find_brain(study: Study, reference: str, source: BrainSource, device: Any = "cpu") -> BrainMask:
     """The brain mask of ``study``'s ``reference`` image (see :class:`BrainMask` for the methods);
-    refused (:mod:`.guard`) when the image is too small to hold a brain or no brain is found."""
+    refused (:mod:`.guard`) when no brain is found. (:func:`prepare_inputs` refuses a field of view
+    too small to hold a brain first, for both studies, before any extraction.)"""
     t = time.perf_counter()
     image = study.images[reference]
-    guard.refuse_small_field(field_of_view_ml(image), study.folder, f"the {reference} field of view")
-    stripped = is_skull_stripped(image)
+    kind = stripped_kind(image)
+    stripped = kind is not None
     file = None
     if isinstance(source, Path):
         method, file = "file", source
@@ -123,7 +125,7 @@ def find_brain(study: Study, reference: str, source: BrainSource, device: Any = 
     elif source == "none":
         method, mask = "none", brain_mask(image)
     elif source == "auto" and stripped:
-        method, mask = "stripped", mask_from_stripped(image)
+        method, mask = "stripped", mask_from_stripped(image, kind)
     elif source in ("auto", "model"):
         method, mask = "model", extractor(device).extract(image)
     else:
@@ -185,7 +187,7 @@ def prepare_inputs(
 
     t = time.perf_counter()
     prepared = prepare_pair(aligned["baseline"], aligned["followup"], reg.transform, spec, center=center, masks=masks)
-    dice = _dice(prepared.brains["baseline"], prepared.brains["followup"])
+    dice = dice_coefficient(prepared.brains["baseline"], prepared.brains["followup"])
     guard.refuse_failed_registration(dice, followup.folder, baseline.folder)
     timings["crop_resample"] = time.perf_counter() - t
     say("resampled")
@@ -214,11 +216,6 @@ def channel_statistics(prepared: PreparedPair) -> dict[str, dict[str, float]]:
         qs = np.percentile(values, guard.PERCENTILES) if values.size else [0.0] * len(guard.PERCENTILES)
         out[str(ch)] = {f"p{p}": round(float(q), 4) for p, q in zip(guard.PERCENTILES, qs)}
     return out
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * float(np.logical_and(a, b).sum()) / total if total else 0.0
 
 
 def _plain(value: Any) -> Any:
