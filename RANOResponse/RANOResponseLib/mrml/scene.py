@@ -832,7 +832,7 @@ def load_outputs(scene, out_dir: Path | str, baseline_nodes: Mapping[str, Any] |
     """
     # imported here: the pipeline imports torch, which the rest of the scene code does not need
     from RANOResponseLib.imaging.studies import load_study
-    from RANOResponseLib.inference.pipeline import read_prediction
+    from RANOResponseLib.core.outputs import read_prediction
 
     out = Path(out_dir)
     summary = read_prediction(out)

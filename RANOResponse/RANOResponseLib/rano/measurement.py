@@ -721,7 +721,7 @@ def measure_prediction(outdir: Path | str, source: str = "auto", criteria: Measu
     """Measure the case of a ``rano-response predict`` output folder: the studies named in its
     ``prediction.json`` and its ``followup_to_baseline.tfm``."""
     # imported here: the pipeline imports torch, which measuring does not otherwise need
-    from RANOResponseLib.inference.pipeline import PREDICTION_JSON, TRANSFORM_FILE, read_prediction
+    from RANOResponseLib.core.outputs import PREDICTION_JSON, TRANSFORM_FILE, read_prediction
 
     outdir = Path(outdir)
     pred = read_prediction(outdir)

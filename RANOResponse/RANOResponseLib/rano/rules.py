@@ -267,8 +267,7 @@ def _prediction_dict(prediction: Any) -> dict:
     if hasattr(prediction, "summary"):  # pipeline.PairResult
         return prediction.summary()
     if isinstance(prediction, (str, Path)):
-        # imported here: the pipeline imports torch, which the rules need only for this
-        from RANOResponseLib.inference.pipeline import read_prediction
+        from RANOResponseLib.core.outputs import read_prediction
 
         return read_prediction(prediction)
     if isinstance(prediction, Mapping) and "label" in prediction and "probabilities" in prediction:

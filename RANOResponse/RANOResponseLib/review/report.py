@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from RANOResponseLib import __version__
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.inference.pipeline import TRANSFORM_FILE, read_prediction
+from RANOResponseLib.core.outputs import TRANSFORM_FILE, read_prediction
 from RANOResponseLib.rano.measurement import PairMeasurement
 
 A4 = (8.27, 11.69)

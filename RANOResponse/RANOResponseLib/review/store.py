@@ -546,7 +546,7 @@ class ReviewSession:
         """The current case's ``prediction.json`` if the worklist names a predict output folder."""
         if not self.current.prediction:
             return None
-        from RANOResponseLib.inference.pipeline import read_prediction  # imports torch: only when needed
+        from RANOResponseLib.core.outputs import read_prediction
 
         return read_prediction(self.current.prediction)
 
