@@ -17,7 +17,7 @@ CORE = ROOT / "RANOResponse" / "RANOResponseLib"
 TRAIN = ROOT / "ResponseTraining" / "ResponseTrainingLib"
 
 # lowest first; a module may import its own layer and any layer before it
-CORE_LAYERS = ("core", "imaging", "datasets", "rano", "model", "inference", "review", "mrml", "phantom", "web", "<top>")
+CORE_LAYERS = ("core", "imaging", "rano", "datasets", "model", "inference", "review", "mrml", "phantom", "web", "<top>")
 TRAIN_LAYERS = ("data", "analysis", "training", "<top>")
 MODULE_FILES = ("RANOResponse", "ResponseTraining", "RANOResponseCLI")
 

@@ -6,8 +6,8 @@ same functions. Sub-packages, lowest first; each may import only those listed be
 
 - :mod:`~RANOResponseLib.core`       names (modalities, classes), errors, atomic files, display styles
 - :mod:`~RANOResponseLib.imaging`    reading studies, geometry, registration, preparing the model input
-- :mod:`~RANOResponseLib.datasets`   data sets as distributed (the LUMIERE reader)
 - :mod:`~RANOResponseLib.rano`       lesion measurement and the RANO decision rules
+- :mod:`~RANOResponseLib.datasets`   data sets as distributed (the LUMIERE reader)
 - :mod:`~RANOResponseLib.model`      networks, model bundles, the device policy
 - :mod:`~RANOResponseLib.inference`  prediction with saliency and Grad-CAM, the predict pipeline
 - :mod:`~RANOResponseLib.review`     the review store (verdicts) and the PDF case report

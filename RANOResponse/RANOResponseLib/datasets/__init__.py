@@ -3,5 +3,5 @@
 - :mod:`.lumiere` LUMIERE's folders and rating CSVs -> baseline/follow-up pairs with labels
 - :mod:`.samples` the sample case pairs shipped in ``Resources/Samples`` (self-tests, demos)
 
-May import: :mod:`RANOResponseLib.core`, :mod:`RANOResponseLib.imaging`, pandas.
+May import: :mod:`RANOResponseLib.core`, :mod:`RANOResponseLib.imaging`, :mod:`RANOResponseLib.rano`, pandas.
 """

@@ -194,3 +194,91 @@ def to_reference(array: np.ndarray, grid: sitk.Image, reference: sitk.Image, mas
     if mask:
         out = sitk.Mask(out, sitk.Cast(brain, sitk.sitkUInt8) if brain is not None else brain_mask(reference))
     return out
+
+
+# ------------------------------------------------------------------------------ one timepoint
+# The segmentation network sees one timepoint at a time, on a grid that covers its whole brain.
+# Training (ResponseTrainingLib) and predict prepare timepoints with these same functions.
+
+SEGMENTATION_MARGIN_MM = 6.0  # around the brain's bounding box
+GRID_MULTIPLE = 16  # grid sizes are multiples of this (the networks halve the grid four times)
+
+
+@dataclass
+class PreparedTimepoint:
+    """One timepoint's sequences on a brain-covering grid, as the segmentation network takes them."""
+
+    array: np.ndarray  # (C, z, y, x) float32, z-scored inside the brain, zero outside
+    grid: sitk.Image  # axis-aligned (LPS) grid over the brain's bounding box, at the model spacing
+    brain: np.ndarray  # (z, y, x) bool: the brain on the grid
+    modalities: tuple[str, ...]
+
+
+def brain_grid(brain: sitk.Image, spacing: Sequence[float], margin_mm: float = SEGMENTATION_MARGIN_MM,
+               multiple: int = GRID_MULTIPLE) -> sitk.Image:
+    """An axis-aligned LPS grid of ``spacing`` mm holding the brain mask's physical bounding box
+    plus ``margin_mm``, its size rounded up to a multiple of ``multiple`` voxels, centred on the brain."""
+    nz = np.nonzero(sitk.GetArrayViewFromImage(brain))
+    if len(nz[0]) == 0:
+        raise RANOInputError("brain mask is empty: nothing to segment")
+    index = np.stack([nz[2], nz[1], nz[0]]).astype(np.float64)
+    to_physical = np.array(brain.GetDirection(), float).reshape(3, 3) @ np.diag(brain.GetSpacing())
+    points = to_physical @ index
+    extent = points.max(1) - points.min(1) + np.abs(to_physical).sum(1) + 2 * margin_mm
+    spacing = np.asarray(spacing, float)
+    size = np.ceil(extent / spacing / multiple).astype(int) * multiple
+    return model_grid(brain, spacing, size, mask_center(brain))
+
+
+def prepare_timepoint(study: Study, modalities: Sequence[str], spacing: Sequence[float],
+                      brain: sitk.Image | None = None, normalization: str = "zscore",
+                      clip: float = 5.0) -> PreparedTimepoint:
+    """One study's ``modalities`` (all on one grid: see
+    :func:`~RANOResponseLib.imaging.registration.align_study`) cut to the brain, box-averaged
+    towards ``spacing``, resampled onto :func:`brain_grid` and z-scored inside the brain.
+
+    ``brain``: the study's brain mask on that grid; without one the images are taken as
+    skull-stripped (the reference's non-zero voxels).
+    """
+    missing = [m for m in modalities if m not in study.images]
+    if missing:
+        raise RANOInputError(f"{study.folder}: missing modality {', '.join(missing)} required by the segmentation model")
+    first = study.images[modalities[0]]
+    brain = brain_mask(first) if brain is None else sitk.Cast(brain, sitk.sitkUInt8)
+    grid = brain_grid(brain, spacing)
+    on_grid = sitk.GetArrayFromImage(resample(shrink_to(sitk.Cast(brain, sitk.sitkFloat32), spacing), grid)) > 0.5
+    planes = []
+    for m in modalities:
+        img = resample(shrink_to(masked(study.images[m], brain), spacing), grid)
+        planes.append(normalize(sitk.GetArrayFromImage(img), normalization, clip, on_grid))
+    return PreparedTimepoint(np.stack(planes).astype(np.float32), grid, on_grid, tuple(modalities))
+
+
+def labels_on_grid(labels: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """A label map (e.g. a training mask on its timepoint's grid) on a prepared grid, (z, y, x) uint8.
+
+    Each label's fraction is box-averaged and resampled like the images, then the largest wins
+    (background included), so thin structures are kept where they cover most of a voxel."""
+    arr = sitk.GetArrayViewFromImage(labels)
+    values = [int(v) for v in np.unique(arr) if v != 0]
+    spacing = grid.GetSpacing()
+    fractions = [np.zeros(tuple(reversed(grid.GetSize())), np.float32)]
+    for v in values:
+        one = sitk.Cast(sitk.Equal(labels, v), sitk.sitkFloat32)
+        fractions.append(sitk.GetArrayFromImage(resample(shrink_to(one, spacing), grid)))
+    fractions[0] = 1.0 - np.sum(fractions[1:], axis=0) if values else fractions[0] + 1.0
+    return np.asarray([0, *values], np.uint8)[np.argmax(np.stack(fractions), axis=0)]
+
+
+def labels_to_reference(probabilities: np.ndarray, labels: Sequence[int], grid: sitk.Image,
+                        reference: sitk.Image, brain: sitk.Image | None = None) -> sitk.Image:
+    """Per-class probabilities ``(K, z, y, x)`` on a prepared grid -> a label map on the reference
+    grid (uint8): each class's probability resampled linearly, then the most probable class
+    (``labels[k]`` for class ``k``; class 0 is background), zero outside ``brain``."""
+    stack = [sitk.GetArrayFromImage(to_reference(p, grid, reference, mask=False)) for p in probabilities]
+    out = np.asarray(labels, np.uint8)[np.argmax(np.stack(stack), axis=0)]
+    if brain is not None:
+        out[sitk.GetArrayViewFromImage(brain) == 0] = 0
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(reference)
+    return image

@@ -4,5 +4,6 @@
 - :mod:`.rules`       the one RANO decision table (RANO and RANO 2.0), its reasoning; comparison with the network
 
 May import: core (including :mod:`~RANOResponseLib.core.outputs`, predict's file names and the one
-reader of ``prediction.json``) and imaging. Below model and inference, so that predict can measure.
+reader of ``prediction.json``) and imaging. Below datasets, model and inference, so that predict, training's pairing and the
+course of a patient use the same rules.
 """
