@@ -1,13 +1,6 @@
-"""RANOResponse: the clinical 3D Slicer module. Wiring only.
-
-Everything that computes or touches the scene lives in RANOResponseLib (no Qt, tested in pytest on
-the real MRML of the ``slicer-core`` wheel); this file connects the panel to it:
-
-* mrml/logic.py         ``PanelLogic``: what each button does to the scene (this Logic subclasses it)
-* mrml/runner.py, mrml/process.py   Apply: ``predict`` in a child process (polled by a QTimer here)
-* mrml/dependencies.py  which packages Slicer's Python lacks or has in an incompatible version
-* datasets/samples.py   the shipped sample case pair the self-test runs on
-"""
+"""RANOResponse: the clinical 3D Slicer module. Wiring only: what computes or touches the scene is in
+RANOResponseLib (no Qt; tested on the MRML of ``slicer-core``): mrml/logic.py (``PanelLogic``, which this Logic
+subclasses), mrml/runner.py + process.py (predict, timeline in a child process, polled here by a QTimer)."""
 
 import os
 import sys
@@ -17,19 +10,10 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
-from slicer import (
-    vtkMRMLLinearTransformNode,
-    vtkMRMLMarkupsROINode,
-    vtkMRMLScalarVolumeNode,
-    vtkMRMLTableNode,
-)
+from slicer import vtkMRMLLinearTransformNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +21,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 # light imports (standard library only): the module loads before the runtime's packages are installed
-from RANOResponseLib.mrml.logic import MAP_CHOICES, PanelLogic, result_html  # noqa: E402
+from RANOResponseLib.mrml.logic import MAP_CHOICES, PanelLogic  # noqa: E402
 from RANOResponseLib.mrml.process import slicer_python  # noqa: E402
 
 
@@ -48,19 +32,16 @@ class RANOResponse(ScriptedLoadableModule):
         parent.categories = ["Quantification"]
         parent.dependencies = []
         parent.contributors = ["RANOResponse developers"]
-        parent.helpText = (
-            "Classifies glioblastoma response (CR/PR/SD/PD) between a baseline and a follow-up study "
-            "(CT1, T1, T2, FLAIR) and overlays saliency and Grad-CAM maps. Research use only, not for "
-            "clinical use."
-        )
+        parent.helpText = ("Classifies glioblastoma response (CR/PR/SD/PD) between two studies (CT1, T1, T2, FLAIR) "
+                           "with saliency and Grad-CAM maps, segments the tumour and measures RANO beside the "
+                           "network, and follows a patient's course. Research use only, not for clinical use.")
         parent.acknowledgementText = "Method after Matoso et al. 2025 (DenseNet on paired MRI, LUMIERE)."
 
 
 @parameterNodeWrapper
 class RANOResponseParameterNode:
-    """The module's state; saved with the scene, so a reopened scene shows the same inputs.
-
-    (No ``from __future__ import annotations`` in this file: the wrapper reads these types.)"""
+    """The module's state, saved with the scene (no ``from __future__ import annotations`` here: the
+    wrapper reads these types)."""
 
     baselineFolder: Path
     followupFolder: Path
@@ -79,6 +60,8 @@ class RANOResponseParameterNode:
     worklist: Path
     reviewDatabase: Path
     reviewer: str
+    coursePatient: Path
+    courseFolder: Path
     # results of the last Apply (not shown as inputs)
     transform: vtkMRMLLinearTransformNode
     gradcam: vtkMRMLScalarVolumeNode
@@ -96,6 +79,7 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._running = ("applyButton", "Apply", None)  # the running job's button, its text, its finish
         self._timer = None
 
     # ------------------------------------------------------------------ setup
@@ -106,13 +90,13 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RANOResponseLogic()
+        self.logic.on_change = self._showResults  # a moved diameter line changed the measured class
 
+        from RANOResponseLib.core.names import CLASS_NAMES
         from RANOResponseLib.model.device import gpu_choices
 
         for device, label in gpu_choices():
             self.ui.deviceComboBox.addItem(label, device)
-        from RANOResponseLib.core.names import CLASS_NAMES
-
         self.ui.verdictComboBox.addItems(list(CLASS_NAMES))
 
         self._timer = qt.QTimer()
@@ -126,7 +110,8 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fitRoiButton.connect("clicked(bool)", self.onFitRoi)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
-        self.ui.saveSceneButton.connect("clicked(bool)", self.onSaveScene)
+        self.ui.saveSceneButton.connect("clicked(bool)", lambda: self._saveAs(
+            "Save results as a scene", "Slicer scene (*.mrml *.mrb)", self.logic.save_scene))
         self.ui.openWorklistButton.connect("clicked(bool)", self.onOpenWorklist)
         self.ui.previousCaseButton.connect("clicked(bool)", lambda: self.onStep("previous"))
         self.ui.nextCaseButton.connect("clicked(bool)", lambda: self.onStep("next"))
@@ -134,16 +119,20 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.measureButton.connect("clicked(bool)", self.onMeasure)
         self.ui.agreeButton.connect("clicked(bool)", lambda: self.onSaveVerdict(agree=True))
         self.ui.saveVerdictButton.connect("clicked(bool)", lambda: self.onSaveVerdict(agree=False))
-        self.ui.exportVerdictsButton.connect("clicked(bool)", self.onExportVerdicts)
-        self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.ui.exportVerdictsButton.connect("clicked(bool)", lambda: self._saveAs(
+            "Export verdicts as training labels", "CSV (*.csv)",
+            lambda path: self.logic.export_verdicts(self._parameterNode.reviewDatabase, path)))
+        self.ui.reportButton.connect("clicked(bool)", lambda: self._saveAs(
+            "Case report", "PDF (*.pdf)", lambda path: self.logic.write_report(self._parameterNode, path)))
+        self.ui.runCourseButton.connect("clicked(bool)", self.onRunCourse)
+        self.ui.loadCourseButton.connect("clicked(bool)", self.onLoadCourse)
+        self.ui.courseTableView.connect("selectionChanged()", self.onCourseRow)
         self.onDeviceChanged(self.ui.deviceComboBox.currentIndex)
         self.initializeParameterNode()
 
     def cleanup(self):
-        self._cancelJob()
-        self.logic.reset()
+        self.onSceneStartClose(None, None)
         self.removeObservers()
-        self.setParameterNode(None)
 
     def enter(self):
         self.initializeParameterNode()
@@ -188,34 +177,42 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceWarningLabel.text = self.logic.device_notice(self.ui.deviceComboBox.itemData(index))
 
     def onLoadStudies(self):
-        if not self.logic.ensurePackages():
-            return
-        with slicer.util.tryWithErrorDisplay("Could not load the studies.", waitCursor=True):
-            self._showBackground(self.logic.load_studies(self._parameterNode))
+        if self.logic.ensurePackages():
+            with slicer.util.tryWithErrorDisplay("Could not load the studies.", waitCursor=True):
+                self._showBackground(self.logic.load_studies(self._parameterNode))
+
+    def _showResults(self):
+        self.ui.resultLabel.text = self.logic.result_text()  # "No prediction yet." once another case is loaded
+        self.ui.measurementLabel.text = self.logic.measurement_text()
 
     def _showBackground(self, node):
-        result = self.logic.result  # None once another case is loaded
-        self.ui.resultLabel.text = result_html(result.nodes.summary) if result else "No prediction yet."
+        self._showResults()
         if node is not None:
             slicer.util.setSliceViewerLayers(background=node, fit=True)
 
     def onFitRoi(self):
-        if not self.logic.ensurePackages():
-            return
-        with slicer.util.tryWithErrorDisplay("Could not fit the region.", waitCursor=True):
-            self.logic.fit_roi(self._parameterNode)
+        if self.logic.ensurePackages():
+            with slicer.util.tryWithErrorDisplay("Could not fit the region.", waitCursor=True):
+                self.logic.fit_roi(self._parameterNode)
 
     def onApply(self):
-        if self._job is not None:  # Apply is Cancel while a run is going
+        self._start("applyButton", self.logic.start_prediction, self._finishPrediction)
+
+    def onRunCourse(self):
+        self._start("runCourseButton", self.logic.start_course, self._finishCourse)
+
+    def _start(self, button, start, finish):
+        if self._job is not None:  # the running job's button is Cancel
             self._cancelJob()
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
             return
         if not self.logic.ensurePackages():
             return
-        with slicer.util.tryWithErrorDisplay("Could not start the prediction.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Could not start.", waitCursor=True):
             # an explicit GPU that is absent raises DeviceError: shown, never a silent switch to the CPU
-            self._job, notice = self.logic.start_prediction(self._parameterNode, self.ui.deviceComboBox.currentData)
+            self._job, notice = start(self._parameterNode, self.ui.deviceComboBox.currentData)
             self.ui.deviceWarningLabel.text = notice
+            self._running = (button, getattr(self.ui, button).text, finish)
             self._setRunning(True)
             self._timer.start()
 
@@ -231,20 +228,24 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._timer.stop()
         self._job = None
+        finish = self._running[2]
         self._setRunning(False)
-        with slicer.util.tryWithErrorDisplay("RANO response prediction failed.", waitCursor=True):
-            summary = self.logic.finish_prediction(self._parameterNode, job)
-            self.ui.resultLabel.text = result_html(summary)
-            self.ui.statusLabel.text = f"Done in {job.run.elapsed:.1f} s on {summary.get('device', '?')}."
+        with slicer.util.tryWithErrorDisplay("The run failed.", waitCursor=True):
+            finish(job)
+
+    def _finishPrediction(self, job):
+        summary = self.logic.finish_prediction(self._parameterNode, job)
+        self._showResults()
+        self.ui.statusLabel.text = f"Done in {job.run.elapsed:.1f} s on {summary.get('device', '?')}."
 
     def _setRunning(self, running):
-        self.ui.applyButton.text = "Cancel" if running else "Apply"
-        self.ui.applyButton.enabled = True
+        button, text, _ = self._running
+        getattr(self.ui, button).text = "Cancel" if running else text
         self.ui.progressBar.visible = running
         self.ui.progressBar.value = 0
         for name in ("loadStudiesButton", "fitRoiButton", "inputsCollapsibleButton", "modelCollapsibleButton",
-                     "reviewCollapsibleButton"):  # a case change mid-run would mix two cases
-            getattr(self.ui, name).enabled = not running
+                     "reviewCollapsibleButton", "applyButton", "runCourseButton", "loadCourseButton"):
+            getattr(self.ui, name).enabled = name == button or not running  # a case change mid-run mixes cases
         if not running:
             self.onParameterChanged()
 
@@ -256,11 +257,11 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = None
             self._setRunning(False)
 
-    def onSaveScene(self):
-        path = qt.QFileDialog.getSaveFileName(None, "Save results as a scene", "", "Slicer scene (*.mrml *.mrb)")
+    def _saveAs(self, title, filters, save):
+        path = qt.QFileDialog.getSaveFileName(None, title, "", filters)
         if path:
-            with slicer.util.tryWithErrorDisplay("Could not save the scene.", waitCursor=True):
-                self.logic.save_scene(path)
+            with slicer.util.tryWithErrorDisplay(f"{title}: failed.", waitCursor=True):
+                save(path)
 
     # ---------------------------------------------------------------- review
     def onOpenWorklist(self):
@@ -281,39 +282,41 @@ class RANOResponseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showCase(self):
         self.ui.caseLabel.text = self.logic.case_text()
-        self.ui.measurementLabel.text = ""
-        if not self.logic.ensurePackages():
-            return
-        with slicer.util.tryWithErrorDisplay("Could not open the case.", waitCursor=True):
-            self._showBackground(self.logic.load_review_case(self._parameterNode))
+        if self.logic.ensurePackages():
+            with slicer.util.tryWithErrorDisplay("Could not open the case.", waitCursor=True):
+                self._showBackground(self.logic.load_review_case(self._parameterNode))
 
-    def onMeasure(self):
-        if self.logic.review is None:
-            return
+    def onMeasure(self):  # without a worklist: "open a worklist first"
         with slicer.util.tryWithErrorDisplay("Could not measure the lesions.", waitCursor=True):
-            self.ui.measurementLabel.text = self.logic.measure_case(
-                on_change=lambda html: setattr(self.ui.measurementLabel, "text", html))
+            self.logic.measure_case()
+            self._showResults()
 
-    def onSaveVerdict(self, agree):
-        if self.logic.review is None:
-            return
+    def onSaveVerdict(self, agree):  # without a worklist: "open a worklist first"
         with slicer.util.tryWithErrorDisplay("Could not save the verdict.", waitCursor=True):
             self.ui.caseLabel.text = self.logic.save_verdict(
                 agree=agree, label=self.ui.verdictComboBox.currentText,
                 confidence=int(self.ui.confidenceSlider.value), note=self.ui.noteEdit.toPlainText())
             self.ui.noteEdit.setPlainText("")
 
-    def onExportVerdicts(self):
-        path = qt.QFileDialog.getSaveFileName(None, "Export verdicts as training labels", "", "CSV (*.csv)")
-        if path:
-            with slicer.util.tryWithErrorDisplay("Could not export the verdicts.", waitCursor=True):
-                self.logic.export_verdicts(self._parameterNode.reviewDatabase, path)
+    # ---------------------------------------------------------------- course
+    def onLoadCourse(self):
+        if self.logic.ensurePackages():
+            with slicer.util.tryWithErrorDisplay("Could not load the course.", waitCursor=True):
+                self._showCourse(self.logic.load_course(self._parameterNode.courseFolder))
 
-    def onReport(self):
-        path = qt.QFileDialog.getSaveFileName(None, "Case report", "", "PDF (*.pdf)")
-        if path:
-            with slicer.util.tryWithErrorDisplay("Could not write the report.", waitCursor=True):
-                self.logic.write_report(self._parameterNode, path)
+    def _finishCourse(self, job):
+        self._showCourse(self.logic.finish_course(job), f"Course done in {job.run.elapsed:.1f} s.")
+
+    def _showCourse(self, table, status=""):
+        self.ui.courseTableView.setMRMLTableNode(table)
+        self.ui.courseLabel.text, self.ui.statusLabel.text = self.logic.course_text(), status
+
+    def onCourseRow(self):
+        view = self.ui.courseTableView
+        row = view.sortFilterProxyModel().mapToSource(view.currentIndex()).row()  # the table's row, even sorted
+        if row >= 0 and self.logic.course is not None:
+            with slicer.util.tryWithErrorDisplay("Could not show the timepoint.", waitCursor=True):
+                self.ui.courseLabel.text = self.logic.show_course_timepoint(row)
 
 
 class RANOResponseLogic(ScriptedLoadableModuleLogic, PanelLogic):

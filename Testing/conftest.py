@@ -346,6 +346,30 @@ def cohort_plan(root: Path) -> list[PatientPlan]:
     return plan_cohort(PhantomConfig(**json.loads((root / "phantom.json").read_text())["config"]))
 
 
+# Segmentation and measured RANO: one patient at 2 mm whose three rated follow-ups are a PD by
+# growth (SPD x2.0), a PD with a new lesion, and an SD (x0.91).
+SEG_COHORT = PhantomConfig(patients=1, seed=5, spacing=2.0, min_followups=3, max_followups=3, quirks=False)
+
+
+@dataclass
+class SegCohort:
+    root: Path
+    truth: pd.DataFrame  # phantom_truth.csv
+
+    def pair(self, followup: str) -> CasePair:
+        """The rated follow-up ``followup`` (a week folder) and the scan before it."""
+        rows = self.truth.reset_index(drop=True)
+        i = int(rows.index[rows["date"] == followup][0])
+        folder = self.root / "Imaging" / "Patient-001"
+        return CasePair(folder / rows.loc[i - 1, "date"], folder / rows.loc[i, "date"])
+
+
+@pytest.fixture(scope="session")
+def seg_cohort(tmp_path_factory) -> SegCohort:
+    root = tmp_path_factory.mktemp("seg-cohort")
+    return SegCohort(root, generate_cohort(root, SEG_COHORT))
+
+
 @pytest.fixture(scope="session")
 def case_studies(case_pair):
     return read_study(case_pair.baseline), read_study(case_pair.followup)
@@ -488,3 +512,54 @@ def make_bad_case(tmp_path, case_pair, tiny_bundle) -> Callable[[str], BadCase]:
         return BadCase(base, fu, ["--bundle", str(bundle), "--device", device], names, device, bundle)
 
     return make
+
+
+# ------------------------------------------------------------- predict with stand-in segmentations
+
+
+@dataclass
+class AutomaticPrediction:
+    out: Path  # the predict output folder (segmentation_*.nii.gz, prediction.json with "measured")
+    result: object  # the in-memory PairResult, its segmentations and measurement set the same way
+    files: dict  # what run_predict wrote
+    masks: dict  # timepoint -> the label map standing in for predict's segmentation
+    pair: object  # rano.measurement.PairMeasurement of the two masks, matched through predict's registration
+    summary: dict  # prediction.json
+
+
+@pytest.fixture(scope="session")
+def automatic_prediction(tmp_path_factory, case_pair, tiny_bundle) -> AutomaticPrediction:
+    """A real ``run_predict`` on the 4 mm case pair (tiny bundle, no segmentation bundle), completed
+    as predict completes it when it segments: the phantom's own DeepBraTumIA masks stand in for
+    the automatic label maps (same labels, each on its timepoint's grid), written as
+    ``segmentation_*.nii.gz`` and measured into prediction.json's ``measured`` block by predict's
+    own :func:`inference.measured.measured_block`. Scene, panel and report tests then know every
+    voxel and diameter from those files."""
+    from RANOResponseLib.core.outputs import SEGMENTATION_FILES, TRANSFORM_FILE
+    from RANOResponseLib.inference.measured import measured_block
+    from RANOResponseLib.inference.pipeline import run_predict
+    from RANOResponseLib.rano.measurement import measure_pair
+
+    out = tmp_path_factory.mktemp("automatic") / "prediction"
+    result, files = run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu",
+                                segmentation=False)
+    mask = Path("DeepBraTumIA-segmentation/native/segmentation/seg_mask.nii.gz")
+    masks = {"baseline": sitk.ReadImage(str(case_pair.baseline / mask)),
+             "followup": sitk.ReadImage(str(case_pair.followup / mask))}
+    pair = measure_pair(masks["baseline"], masks["followup"], out / TRANSFORM_FILE)
+    summary = json.loads((out / "prediction.json").read_text())
+    summary["measured"] = measured_block(pair, summary, {"id": "phantom-masks", "path": "", "sha256": []},
+                                         {tp: {"file": f} for tp, f in SEGMENTATION_FILES.items()})
+    for tp, image in masks.items():
+        files[f"segmentation_{tp}"] = out / SEGMENTATION_FILES[tp]
+        sitk.WriteImage(image, str(files[f"segmentation_{tp}"]), True)
+        summary["outputs"][f"segmentation_{tp}"] = SEGMENTATION_FILES[tp]
+    (out / "prediction.json").write_text(json.dumps(summary))
+
+    @dataclass
+    class StandIn:  # inference.segmentation.Segmentation's image
+        image: sitk.Image
+
+    result.segmentations = {tp: StandIn(image) for tp, image in masks.items()}
+    result.pair_measurement, result.measured = pair, summary["measured"]
+    return AutomaticPrediction(out, result, files, masks, pair, summary)

@@ -28,8 +28,9 @@ from RANOResponseLib.mrml.outputs import output_writers
 CUDA = torch.cuda.is_available()
 STAGES = ("read", "register", "crop_resample", "inference", "attributions", "write")
 SLICES = {"slice_axial.png", "slice_coronal.png", "slice_sagittal.png"}
+SEGMENTATIONS = {"segmentation_baseline.nii.gz", "segmentation_followup.nii.gz"}
 ALL_OUTPUTS = {"prediction.json", "saliency.nii.gz", "gradcam.nii.gz", "followup_to_baseline.tfm", "overlay.png",
-               "brain_mask.nii.gz", *SLICES, "scene"}
+               "brain_mask.nii.gz", *SLICES, "scene", *SEGMENTATIONS}
 
 
 def _predict_args(baseline: Path, followup: Path, out: Path, *extra: str) -> list[str]:
@@ -169,7 +170,8 @@ def test_brain_mask_file(predict_run, case_pair):
     scene = read_scene(predict_run.out / "scene" / "RANOResponse.mrml")
     segs = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
-    assert [n.GetName() for n in segs] == ["RANO brain mask"]
+    segs = [n for n in segs if n.GetName() == "RANO brain mask"]  # beside it: the tumour segmentations
+    assert len(segs) == 1
     segmentation = segs[0].GetSegmentation()
     assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "Brain"
     import slicer
@@ -209,10 +211,10 @@ def test_overlay_png(predict_run, name):
 @pytest.mark.slow
 def test_progress_reported_in_order(predict_run):
     """Progress is reported as each stage completes: read -> brain masks -> aligned -> registered
-    -> resampled -> predicted -> written, with strictly rising fractions ending at 1."""
+    -> resampled -> predicted -> segmented -> written, with strictly rising fractions ending at 1."""
     names = [s for s, _ in predict_run.stages]
     fracs = [f for _, f in predict_run.stages]
-    assert names == ["read", "brain masks", "aligned", "registered", "resampled", "predicted", "written"]
+    assert names == ["read", "brain masks", "aligned", "registered", "resampled", "predicted", "segmented", "written"]
     assert fracs == sorted(set(fracs)) and 0.0 < fracs[0] and fracs[-1] == 1.0
 
 
@@ -258,7 +260,8 @@ def test_cli_predict_auto_device(cli_run):
 
 @pytest.mark.slow
 def test_cli_no_maps(tmp_path, case_pair, tiny_bundle, capsys):
-    """--no-maps writes prediction.json and the transform only: no saliency, Grad-CAM or overlay."""
+    """--no-maps writes prediction.json, the transform and the segmentations only: no saliency,
+    Grad-CAM or overlay."""
     out = tmp_path / "results" / "no-maps"
     rc = cli_main(_predict_args(case_pair.baseline, case_pair.followup, out, "--bundle", str(tiny_bundle),
                                 "--device", "cpu", "--no-maps", "--quiet"))
@@ -266,7 +269,7 @@ def test_cli_no_maps(tmp_path, case_pair, tiny_bundle, capsys):
     assert rc == 0, captured.err
     assert captured.err == ""
     assert {p.name for p in out.iterdir()} == {"prediction.json", "followup_to_baseline.tfm", "brain_mask.nii.gz",
-                                              "scene"}
+                                              "scene", *SEGMENTATIONS}
     s = json.loads((out / "prediction.json").read_text())
     assert s["maps_explain"] is None
     assert "attributions" not in s["timings_s"]
@@ -401,6 +404,7 @@ def test_rerun_into_same_out_leaves_no_stale_outputs(tmp_path, case_pair, tiny_b
     run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers())
     assert (out / "gradcam.nii.gz").exists()
     (out / "notes.txt").write_text("mine")
-    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", attributions=False, writers=output_writers(pictures=False))
+    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", attributions=False,
+                writers=output_writers(pictures=False), segmentation=False)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["brain_mask.nii.gz", "followup_to_baseline.tfm", "notes.txt", "prediction.json", "scene"]

@@ -23,7 +23,8 @@ def predicted(tmp_path_factory, case_pair, tiny_bundle) -> Path:
     from RANOResponseLib.mrml.outputs import output_writers
 
     out = tmp_path_factory.mktemp("report") / "prediction"
-    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers())
+    run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers(),
+                segmentation=False)  # the automatic measurement: test_report_uses_the_automatic_measurement...
     return out
 
 
@@ -129,3 +130,50 @@ def test_model_card_summary(tmp_path):
     assert not any("Command" in line for line in lines)
     assert "Hold-out test: balanced accuracy 0.61, macro F1 0.55." in lines
     assert lines[-1] == "Limits: Small data."
+
+
+# ------------------------------------------------------------- automatic measurements, study folders
+
+
+def _without_masks(automatic_prediction, case_pair, tmp_path) -> Path:
+    """The automatic prediction's folder, its inputs moved to copies of the studies that hold no
+    segmentation (a clinical pair: no manual mask)."""
+    pred_dir = tmp_path / "prediction"
+    shutil.copytree(automatic_prediction.out, pred_dir)
+    summary = json.loads((pred_dir / "prediction.json").read_text())
+    for tp, study in (("baseline", case_pair.baseline), ("followup", case_pair.followup)):
+        folder = copy_study(study, tmp_path / "Patient-001" / study.name)
+        summary["inputs"][tp] = {m: str(folder / Path(p).name) for m, p in summary["inputs"][tp].items()}
+    (pred_dir / "prediction.json").write_text(json.dumps(summary))
+    return pred_dir
+
+
+def test_report_uses_the_automatic_measurement_without_a_manual_mask(automatic_prediction, case_pair, tmp_path):
+    measured = automatic_prediction.summary["measured"]
+    manual = gather(automatic_prediction.out)  # the phantom's masks lie next to its studies: they come first
+    assert manual.measured_from == "manual mask (DeepBraTumIA: seg_mask.nii.gz)"
+    pred_dir = _without_masks(automatic_prediction, case_pair, tmp_path)
+    inputs = gather(pred_dir)
+    assert inputs.measured_from == "automatic segmentation, bundle phantom-masks"
+    assert Path(inputs.pair.followup.source) == pred_dir / "segmentation_followup.nii.gz"
+    assert inputs.rule.category == measured["category"] and inputs.rule.volumetric == measured["category_rano2"]
+    assert [le.d1_mm for le in inputs.pair.followup.lesions] == pytest.approx(
+        [r["d1_mm"] for r in measured["lesions"] if r["timepoint"] == "follow-up"])
+    assert pdf_pages(write_report(pred_dir, tmp_path / "auto.pdf")) == 2
+
+
+def test_report_finds_dicom_studies_by_their_recorded_folder(predicted, case_pair, tmp_path):
+    """A DICOM input is recorded as its study folder (not a file in it): the case, its masks and
+    its verdicts are found there, not in the folder above."""
+    pred_dir = tmp_path / "prediction"
+    shutil.copytree(predicted, pred_dir)
+    summary = json.loads((pred_dir / "prediction.json").read_text())
+    for tp, study in (("baseline", case_pair.baseline), ("followup", case_pair.followup)):
+        summary["inputs"][tp] = {m: str(study) for m in summary["inputs"][tp]}
+        for m, seq in summary["inputs"]["studies"][tp]["sequences"].items():
+            seq["source"] = {"kind": "dicom", "path": str(study), "series_uid": f"1.2.3.{m}"}
+    (pred_dir / "prediction.json").write_text(json.dumps(summary))
+    inputs = gather(pred_dir)
+    assert inputs.pair is not None and inputs.notes == []
+    assert inputs.measured_from == "manual mask (DeepBraTumIA: seg_mask.nii.gz)"
+    assert inputs.case_id == f"{case_pair.followup.parent.name}_{case_pair.baseline.name}_{case_pair.followup.name}"

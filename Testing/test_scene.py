@@ -396,7 +396,8 @@ def test_results_table():
 def predicted(tmp_path_factory, case_pair, tiny_bundle):
     """One run_predict (tiny bundle, 4 mm phantom pair) and its output folder."""
     out = tmp_path_factory.mktemp("scene-predict") / "case"
-    result, files = run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu", writers=output_writers())
+    result, files = run_predict(case_pair.baseline, case_pair.followup, out, bundle=tiny_bundle, device="cpu",
+                                writers=output_writers(), segmentation=False)  # segmentations: test_tumour_scene
     summary = json.loads((out / "prediction.json").read_text())
     return SimpleNamespace(out=out, result=result, files=files, summary=summary)
 

@@ -219,7 +219,8 @@ def test_class_weight_grid():
 
 @pytest.fixture(scope="module")
 def cv_run(cohort, cache, tmp_path_factory) -> tuple[Path, str]:
-    """A 3-fold, 2-epoch run with clinical features and all hybrid classifiers."""
+    """A 3-fold, 2-epoch run with clinical features and all hybrid classifiers (``suggested``:
+    calibrated probabilities + the category measured on the cohort's masks)."""
     out = tmp_path_factory.mktemp("runs") / "cv"
     _, stdout = _silent(train, _cv_config(cohort, out, cache))
     return out, stdout
@@ -227,7 +228,8 @@ def cv_run(cohort, cache, tmp_path_factory) -> tuple[Path, str]:
 
 def _cv_config(cohort: Path, out: Path, cache: Path) -> TrainConfig:
     return TrainConfig(data=cohort, out=out, cache=cache, folds=3, epochs=2, clinical=True,
-                       hybrid=("knn", "logreg", "rf", "svc"), progress_json=True, bundle_id="tiny-cv", **TINY)
+                       hybrid=("knn", "logreg", "rf", "svc", "suggested"), progress_json=True, bundle_id="tiny-cv",
+                       **TINY)
 
 
 def test_cv_run_writes_tables_plots_and_summary(cv_run):
@@ -249,7 +251,8 @@ def test_cv_run_writes_tables_plots_and_summary(cv_run):
         assert val_patients and not val_patients & set(folds.loc[folds.fold == k, "patient"])
         assert set(fp.loc[fp.role == "test", "pair"]) == set(folds.loc[folds.fold == k, "pair"])
     metrics = pd.read_csv(out / "metrics.csv")
-    assert set(metrics["model"]) == {"cnn", "hybrid-knn", "hybrid-logreg", "hybrid-rf", "hybrid-svc"}
+    assert set(metrics["model"]) == {"cnn", "hybrid-knn", "hybrid-logreg", "hybrid-rf", "hybrid-svc",
+                                     "hybrid-suggested", "measured-cohort-masks"}
     cnn = metrics[metrics.model == "cnn"].set_index("fold")
     assert set(cnn.index) == {"0", "1", "2", "median", "mean", "sd", "pooled"}
     per_fold = cnn.loc[["0", "1", "2"], "balanced_accuracy"].astype(float)
@@ -295,6 +298,78 @@ def test_hybrid_classifiers_fit_inside_folds(cv_run):
     summary = json.loads((out / "summary.json").read_text())
     for name in ("hybrid-knn", "hybrid-logreg", "hybrid-rf", "hybrid-svc"):
         assert summary["cv"][name]["folds"] == 3 and "median" in summary["cv"][name]
+
+
+def _nll_at(p: np.ndarray, y: np.ndarray, t: float) -> float:
+    """Mean NLL of softmax(log p / t), written out here (not the code under test)."""
+    z = np.log(np.clip(p, 1e-12, 1)) / t
+    z -= z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def test_calibration_fitted_on_each_folds_validation_pairs(cv_run):
+    """Each member's temperature minimises the NLL on its fold's validation pairs (not the test
+    pairs'); the bundle, calibration.csv, the card and the reliability diagrams carry it."""
+    out, _ = cv_run
+    cal = read_bundle(out / "bundle").calibration
+    pcols = [f"p_{c}" for c in CLASS_NAMES]
+    assert len(cal["temperatures"]) == 3 and cal["uncertain"]["chosen_on"] == "validation"
+    table = pd.read_csv(out / "calibration.csv")
+    for k, t in enumerate(cal["temperatures"]):
+        fp = pd.read_csv(out / "folds" / f"fold-{k}" / "predictions.csv")
+        val = fp[fp.role == "val"]
+        p, y = val[pcols].to_numpy(), val["label"].to_numpy()
+        assert table.loc[k, "temperature"] == pytest.approx(t) and table.loc[k, "validation_pairs"] == len(val)
+        for other in (t * 1.05, t / 1.05):  # a minimum of the validation NLL (or at a bound of the search)
+            assert _nll_at(p, y, t) <= _nll_at(p, y, other) + 1e-6 or t in (0.05, 20.0)
+    assert 0 <= cal["ece_test_pooled"]["calibrated"] <= 1
+    assert "## Calibration" in (out / "bundle" / "MODEL_CARD.md").read_text()
+    for png in ("reliability_cnn.png", "reliability_folds.png"):
+        w, h = png_size(out / "plots" / png)
+        assert w > 100 and h > 100
+
+
+def test_suggested_category_fitted_inside_folds_and_exported(cv_run, cache):
+    """The suggestion's test predictions per fold come from a model fitted on that fold's
+    validation pairs (calibrated probabilities + measured category + clinical); the measured
+    category of the phantom's own masks is its label (the phantom rates by those masks); the
+    bundle carries the model fitted on all folds' validation pairs as numbers."""
+    from RANOResponseLib.inference.calibration import suggestion_probabilities
+    from ResponseTrainingLib.training.hybrid import MEASURED_CSV, fit_predict, suggestion_features
+
+    out, _ = cv_run
+    measured = pd.read_csv(cache / MEASURED_CSV, keep_default_na=False)  # the run's --cache
+    cat = dict(zip(measured["pair"], measured["category"]))
+    pairs = pd.read_csv(out / "folds.csv")
+    assert np.mean([cat[p] == lbl for p, lbl in zip(pairs["pair"], pairs["label"])]) >= 0.9
+    clinical = pd.read_csv(out / "clinical.csv").set_index("pair")
+    hyb = pd.read_csv(out / "hybrid_predictions.csv")
+    pcols = [f"p_{c}" for c in CLASS_NAMES]
+    calibrated = pd.read_csv(out / "test_predictions_calibrated.csv")
+    refitted = 0
+    summary = json.loads((out / "summary.json").read_text())
+    for k, t in enumerate(summary["calibration"]["temperatures"]):
+        fp = pd.read_csv(out / "folds" / f"fold-{k}" / "predictions.csv")
+        z = np.log(np.clip(fp[pcols].to_numpy(), 1e-12, 1)) / t
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        test = (fp.role == "test").to_numpy()
+        np.testing.assert_allclose(calibrated[calibrated.fold == k][pcols].to_numpy(), p[test], atol=1e-9)
+        x = suggestion_features(p, [cat[q] or None for q in fp["pair"]], clinical.loc[fp["pair"]].to_numpy())
+        fit, y = (fp.role == "val").to_numpy(), fp["label"].to_numpy()
+        if len(set(y[fit])) < 2:
+            continue
+        theirs = hyb[(hyb.model == "hybrid-suggested") & (hyb.fold == k)].set_index("pair").loc[fp["pair"][test]]
+        np.testing.assert_allclose(theirs[pcols].to_numpy(), fit_predict("suggested", x[fit], y[fit], x[test], 4,
+                                                                          seed=5 + k), atol=1e-9)
+        refitted += 1
+    assert refitted >= 1
+    sug = read_bundle(out / "bundle").suggestion
+    assert sug["features"][:8] == [f"p_{c}" for c in CLASS_NAMES] + [f"measured_{c}" for c in CLASS_NAMES]
+    assert len(sug["features"]) == 8 + len(CLINICAL_FEATURES)  # --clinical: clinical features too
+    probe = np.zeros(len(sug["features"]))
+    assert np.isclose(suggestion_probabilities(sug, probe).sum(), 1.0)
 
 
 def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, cohort, case_pair, tmp_path):

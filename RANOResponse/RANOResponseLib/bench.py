@@ -3,7 +3,9 @@
 Prints medians over ``--runs`` repetitions (after one warm-up) of each stage of ``predict``
 with and without attributions, the end-to-end time of the ``rano-response predict`` command
 (a fresh process: imports included), the peak resident memory, and the ratios the project
-tracks (targets: end to end < 20 s on 2 CPU cores, maps <= 2.5x a prediction).
+tracks (targets: end to end < 20 s on 2 CPU cores, maps <= 2.5x a prediction), and the tumour
+segmentation of both timepoints that predict measures RANO from (target: it adds <= 10 s on 2 CPU
+cores, <= 1 s on a GPU).
 
 With ``--head`` (``make bench`` passes pydeface's mean head), one more line: the same command on
 the pair as a scanner gives it, an unstripped DICOM pair (full head; 3D T1/CT1 at the bench's
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("read", "register", "crop_resample", "inference", "attributions", "write")
+STAGES = ("read", "register", "crop_resample", "inference", "attributions", "segmentation", "measure", "write")
 
 
 # The predict command, run in a fresh interpreter that reports its own peak resident memory.
@@ -119,6 +121,9 @@ def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import RANOResponseLib.inference.pipeline"], check=True)
     startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import RANOResponseLib.inference.pipeline, monai.networks.nets"], check=True)
+    monai_import = time.perf_counter() - t0 - startup
 
     dev = result.device
     print(f"\ndevice: {dev}\n")
@@ -128,7 +133,12 @@ def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir
         print(f"{k:16s} {a:14.2f} {b:12.2f}")
     pw, pn = _median(totals[True]), _median(totals[False])
     print(f"{'predict (in-process)':16s} {pw:10.2f} {pn:12.2f}")
-    print(f"\nimports (fresh process):         {startup:6.2f} s")
+    seg, measure = _median(timings[False].get("segmentation", [])), _median(timings[False].get("measure", []))
+    rest = pn - seg - measure
+    print(f"\nsegmentation (both timepoints): {seg:6.2f} s, measuring RANO from it {measure:.2f} s; "
+          f"{(seg + measure) / rest:.2f} x the rest of a prediction without maps ({rest:.2f} s)  "
+          "(target <= 10 s on 2 CPU cores, <= 1 s on a GPU)")
+    print(f"\nimports (fresh process):         {startup:6.2f} s, MONAI (segmentation network) {monai_import:.2f} s more")
     print(f"rano-response predict end to end: {_median(e2e):6.2f} s  (target < 20 s on 2 CPU cores, < 3 s on a GPU)")
     if head is not None:
         print(f"  unstripped DICOM pair, brain extraction: {_median(dicom_e2e):6.2f} s  (target <= 30 s on 2 CPU "
@@ -146,6 +156,8 @@ def run_bench(runs: int = 3, spacing: float = 1.0, device: str = "auto", workdir
                "stages_without_maps_s": {k: _median(v) for k, v in timings[False].items()},
                "predict_with_maps_s": pw, "predict_without_maps_s": pn, "ratio": pw / pn,
                "model_ratio": model_ratio, "end_to_end_s": _median(e2e), "imports_s": startup,
+               "monai_import_s": monai_import, "segmentation_s": seg, "measure_s": measure,
+               "segmentation_ratio": (seg + measure) / rest,
                "end_to_end_dicom_unstripped_s": _median(dicom_e2e) if head is not None else None,
                "peak_rss_mib": {"bench": peak_inproc, "predict_command": peak_child}}
     (work / "bench.json").write_text(json.dumps(summary, indent=2))

@@ -4,7 +4,9 @@
                            [--clinical HEAD.nii.gz [--clinical-variants head,thick,oblique,dicom]]
     rano-response predict  --baseline DIR --followup DIR --out OUT [--bundle B] [--device D] [--roi-center R,A,S]
                            [--series MOD=UID|DESCRIPTION ...] [--series-rules FILE] [--allow-different]
-                           [--brain-mask auto|model|none|FILE|BASE,FOLLOW]
+                           [--brain-mask auto|model|none|FILE|BASE,FOLLOW] [--seg-bundle S | --no-segmentation]
+    rano-response timeline --patient DIR|CSV --out OUT [--baseline-timepoint WEEK] [--bundle B] [--seg-bundle S]
+                           [--segmentation auto|cohort] [--no-network] [--brain-mask auto|model|none] [--rt-end-week W]
     rano-response bench    [--runs 3] [--spacing 1] [--head HEAD.nii.gz]
     rano-response measure  --baseline DIR --followup DIR | --prediction OUT [--out measurements.json]
     rano-response review   import|add|status|export|serve --db DB [...]
@@ -76,7 +78,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                 writers=output_writers(pictures=not (args.no_maps or args.no_pictures),
                                                        scene=not args.no_scene),
                                 brain_mask=args.brain_mask, series=args.series, series_rules=args.series_rules,
-                                allow_different=args.allow_different)
+                                allow_different=args.allow_different, segmentation=not args.no_segmentation,
+                                seg_bundle=args.seg_bundle)
     if not args.quiet:
         for role, study in (("baseline", result.baseline), ("follow-up", result.followup)):
             print(describe_sources(study, f"{role} {study.folder}"), file=sys.stderr)
@@ -86,10 +89,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"input check: {result.input_check['verdict']}")
     for reason in result.input_check["reasons"]:
         print(f"  - {reason}")
+    if result.measured is not None:
+        m = result.measured
+        print(f"measured (automatic segmentation): RANO {m['category']}, RANO 2.0 volumetric {m['category_rano2']}"
+              f" - {m['comparison']['message']}")
     print(f"device: {result.device}   total {sum(v for k, v in result.timings.items() if k != 'total'):.1f} s")
     print(f"outputs in {Path(args.out).absolute()}:")
     for name, path in files.items():
         print(f"  {name:12s} {path}")
+    return 0
+
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from RANOResponseLib.inference.timeline import run_timeline
+    from RANOResponseLib.review.course_report import course_writers
+
+    doc = run_timeline(args.patient, args.out, baseline_timepoint=args.baseline_timepoint, bundle=args.bundle,
+                       seg_bundle=args.seg_bundle, device=args.device, network=not args.no_network,
+                       segmentation=args.segmentation, brain_mask=args.brain_mask, rt_end_weeks=args.rt_end_week,
+                       writers=course_writers(), show_progress=not args.quiet)
+    print(f"{doc['patient']}: baseline {doc['baseline']} ({doc['baseline_reason']})")
+    for x in doc["skipped"]:
+        print(f"  skipped {x['timepoint']}: {x['reason']}")
+    for r in doc["timepoints"]:
+        net = (r["network"] or {}).get("label", "")
+        print(f"  {r['timepoint']:12s} {r['weeks']:6.1f} wk  {r['role']:12s} SPD {r['spd_mm2']:8.0f} mm2  "
+              f"RANO {r['category'] or '-':3s} {r['confirmed']:8s} RANO2 {r['category_rano2'] or '-':3s}"
+              + (f"  network {net}" if net else "") + ("  (cached)" if r["cached"] else ""))
+    print(f"total {doc['timings_s']['total']:.1f} s; outputs in {Path(args.out).absolute()}: "
+          + ", ".join(["timeline.json", *doc["outputs"].values()]))
     return 0
 
 
@@ -216,7 +244,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _add_review_parsers(sub: argparse._SubParsersAction) -> None:
     from RANOResponseLib.core.names import CLASS_NAMES
 
-    sources = ("auto", "deepbratumia-native", "hd-glio", "deepbratumia-atlas")
+    # automatic: predict's own segmentations (with --prediction); auto tries the manual masks first
+    sources = ("auto", "deepbratumia-native", "hd-glio", "deepbratumia-atlas", "automatic")
     criteria = ("RANO", "RANO2")  # RANO2: RANO 2.0 volumetric thresholds decide the category
     me = sub.add_parser("measure", help="RANO lesion measurements and the rule-based category of a case pair")
     me.add_argument("--baseline", type=Path, help="baseline timepoint folder (LUMIERE layout)")
@@ -341,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how each study's brain is found: auto (skull-stripped images: their non-zero region; "
                          "others: HD-BET), model (always HD-BET), none (every non-zero voxel), a mask file name "
                          "inside each study folder, or two mask files BASE,FOLLOW (default auto)")
+    pr.add_argument("--seg-bundle", type=Path, default=None, metavar="S",
+                    help="segmentation bundle: ours (bundle.json) or a MONAI bundle folder with a rano_labels.json "
+                         "label mapping, or that JSON (default: the shipped one, or $RANO_RESPONSE_SEG_BUNDLE)")
+    pr.add_argument("--no-segmentation", action="store_true",
+                    help="do not segment the tumour nor measure RANO from it (prediction.json's measured: null)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_predict)
 
@@ -353,6 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a full head (pydeface's mean_reg2mean.nii.gz) for the unstripped DICOM pair's line "
                          "(make bench fetches it)")
     be.set_defaults(func=_cmd_bench)
+
+    tl = sub.add_parser("timeline", help="RANO over every timepoint of one patient (nadir, baseline, confirmation)")
+    tl.add_argument("--patient", required=True, type=Path, metavar="DIR|CSV",
+                    help="a LUMIERE patient folder (Patient-XXX with week-* folders) or a CSV of study folders "
+                         "(columns study, date YYYY-MM-DD; optional timepoint, rating, patient)")
+    tl.add_argument("--out", required=True, type=Path, help="output folder (also the per-timepoint cache)")
+    tl.add_argument("--baseline-timepoint", default=None, metavar="WEEK",
+                    help="the baseline (default: the first post-operative scan, else the scan after the pre-op one)")
+    tl.add_argument("--bundle", type=Path, default=None, help="response model bundle (default: shipped)")
+    tl.add_argument("--seg-bundle", type=Path, default=None, help="segmentation bundle (default: shipped)")
+    tl.add_argument("--segmentation", choices=("auto", "cohort"), default="auto",
+                    help="auto: the segmentation bundle; cohort: the cohort's own DeepBraTumIA native masks "
+                         "(research data that come with masks)")
+    tl.add_argument("--no-network", action="store_true", help="do not run the response network on each pair")
+    tl.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    tl.add_argument("--brain-mask", choices=("auto", "model", "none"), default="auto",
+                    help="auto (skull-stripped: their non-zero region; others: HD-BET), model (HD-BET), none")
+    tl.add_argument("--rt-end-week", type=float, default=None, metavar="W",
+                    help="week radiotherapy ended, on the course's week scale (default: assumed at the baseline "
+                         "scan); PD within 12 weeks after it is preliminary (pseudoprogression possible)")
+    tl.add_argument("--quiet", action="store_true", help="no progress bar")
+    tl.set_defaults(func=_cmd_timeline)
 
 
     _add_review_parsers(sub)

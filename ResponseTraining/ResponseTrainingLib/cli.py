@@ -194,11 +194,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ResponseTrainingLib.analysis.evaluate import evaluate
 
-    m = evaluate(args.bundle, args.data, args.out, args.device)
-    print(f"{m['n']} pairs  balanced accuracy {m['balanced_accuracy']:.3f}  macro F1 {m['f1_macro']:.3f}  "
-          f"AUC {m['auc_ovr']:.3f}")
+    m = evaluate(args.bundle, args.data, args.out, args.device, workers=args.workers, threads=args.threads,
+                 resume=args.resume, fast=args.fast, maps=not args.no_maps, segmentation=not args.no_segmentation,
+                 seg_bundle=args.seg_bundle, cache=args.cache, bootstrap=args.bootstrap)
+    lo, hi = m["balanced_accuracy_ci95"]
+    print(f"{m['n']} pairs  balanced accuracy {m['balanced_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f})  "
+          f"macro F1 {m['f1_macro']:.3f}  AUC {m['auc_ovr']:.3f}  ECE {m['ece']:.3f}")
     print(f"confusion matrix (rows true, cols predicted): {m['confusion_matrix']}")
-    print(f"written: {Path(args.out).absolute()}/metrics.json, predictions.csv, pairs.csv")
+    for name in ("measured", "suggested"):
+        if name in m:
+            print(f"{name}: balanced accuracy {m[name]['balanced_accuracy']:.3f} on {m[name]['n']} pairs")
+    for name, e in m.get("explanations", {}).items():
+        if isinstance(e, dict):
+            print(f"{name}: {e['mean_energy_inside']:.1%} of the energy inside tumour + edema (mean), "
+                  f"peak inside in {e['pointing_game']:.0%} of {e['pairs']} pairs")
+    print(f"written: {Path(args.out).absolute()}/metrics.json, predictions.csv, confusion.csv/.png, reliability.png")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from ResponseTrainingLib.training.experiment import GRIDS, run_grid
+
+    if args.list:
+        for g in GRIDS.values():
+            print(f"{g.name}: {g.description}; {len(g.rows)} configurations")
+        return 0
+    if not (args.grid and args.data and args.out):
+        raise RANOInputError("experiment: --grid, --data and --out are required (or --list)")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("folds", args.folds), ("device", args.device),
+                                   ("seed", args.seed), ("size", args.size), ("spacing", args.spacing),
+                                   ("batch_size", args.batch_size), ("cache", args.cache),
+                                   ("pretrained_weights", args.pretrained_weights)) if v is not None}
+    table = run_grid(args.grid, args.data, args.out, resume=args.resume, overrides=overrides)
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
+    print(f"written: {Path(args.out).absolute()}/results.csv, results.md, results.png ({len(table)} rows)")
     return 0
 
 
@@ -214,15 +247,54 @@ def _cmd_input_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_seg(argv: list[str]) -> int:
+    from ResponseTrainingLib.training.segmentation_cv import main as train_seg_main
+
+    return train_seg_main(argv)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> dict:
     """The training commands as a plugin of :func:`RANOResponseLib.cli.main`: ``evaluate`` is
     parsed there; ``train`` parses its own arguments (:func:`main`)."""
-    ev = sub.add_parser("evaluate", help="score a bundle on a labelled LUMIERE-layout cohort")
+    ev = sub.add_parser("evaluate", help="score a bundle on a labelled LUMIERE-layout cohort (parallel, resumable)")
     ev.add_argument("--bundle", type=Path, default=None)
     ev.add_argument("--data", required=True, type=Path)
     ev.add_argument("--out", required=True, type=Path)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda:N, or a comma list shared round robin by "
+                    "the workers (cuda:0,cuda:1)")
+    ev.add_argument("--workers", type=int, default=1, help="pairs in parallel processes (default %(default)s)")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's choice)")
+    ev.add_argument("--resume", action="store_true", help="skip pairs finished earlier with the same bundle "
+                    "and options (OUT/pairs/*.json)")
+    ev.add_argument("--fast", action="store_true", help="probabilities only, from the preprocessing cache (no maps, "
+                    "no segmentation)")
+    ev.add_argument("--cache", type=Path, default=None, help="--fast: preprocessing cache (default OUT/cache; "
+                    "share it with train --cache)")
+    ev.add_argument("--no-maps", action="store_true", help="no saliency / Grad-CAM (and no explanation measures)")
+    ev.add_argument("--no-segmentation", action="store_true", help="no automatic segmentation (no measured or "
+                    "suggested category, no explanation measures)")
+    ev.add_argument("--seg-bundle", type=Path, default=None, help="segmentation bundle (default: the shipped one)")
+    ev.add_argument("--bootstrap", type=int, default=2000, help="resamples for the 95%% interval")
     ev.set_defaults(func=_cmd_evaluate)
+    ex = sub.add_parser("experiment", help="the reference study's experiments: a named grid of cross-validated "
+                        "runs, one row per configuration (resumable)")
+    ex.add_argument("--grid", default=None, help="grid name (see --list): paper, cpu-small")
+    ex.add_argument("--list", action="store_true", help="list the grids and stop")
+    ex.add_argument("--data", type=Path, default=None, help="cohort root (Imaging/ and the rating CSV)")
+    ex.add_argument("--out", type=Path, default=None, help="grid folder: runs/, results.csv, results.md, results.png")
+    ex.add_argument("--resume", action="store_true", help="skip finished configurations, continue the current one")
+    ex.add_argument("--epochs", type=int, default=None, help="override the grid's epochs")
+    ex.add_argument("--folds", type=int, default=None, help="override the grid's folds")
+    ex.add_argument("--batch-size", type=int, default=None)
+    ex.add_argument("--seed", type=int, default=None)
+    ex.add_argument("--size", type=_triple(int), default=None, help="override the model grid voxels x,y,z")
+    ex.add_argument("--spacing", type=_triple(float), default=None, help="override the model grid mm")
+    ex.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    ex.add_argument("--threads", type=int, default=0, help="CPU threads for torch")
+    ex.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default OUT/cache)")
+    ex.add_argument("--pretrained-weights", type=Path, default=None,
+                    help="local timm weights for the pretraining rows (skipped without; nothing is downloaded)")
+    ex.set_defaults(func=_cmd_experiment)
     st = sub.add_parser("input-stats", help="record a bundle's input_statistics (what predict's input guard "
                         "compares with) from the LUMIERE-layout cohort it was trained on")
     st.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the shipped bundle)")
@@ -232,7 +304,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     st.add_argument("--device", default="cpu", help="where brain extraction runs for studies not skull-stripped")
     st.set_defaults(func=_cmd_input_stats)
     sub.add_parser("train", help="train and export a bundle (see `rano-response train --help`)", add_help=False)
-    return {"train": main}
+    sub.add_parser("train-seg", help="train and export a tumour segmentation bundle (see `rano-response train-seg "
+                   "--help`)", add_help=False)
+    return {"train": main, "train-seg": _train_seg}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ PAIRINGS: tuple[str, ...] = ("previous", "reference")
 LABEL_ENHANCING = 1
 LABEL_CORE = 2  # necrotic / non-enhancing core (and the resection cavity)
 LABEL_EDEMA = 3
+# what each label is called (segment names in Slicer, bundle label names, reports)
+LABEL_NAMES: dict[int, str] = {LABEL_ENHANCING: "enhancing", LABEL_CORE: "necrotic / non-enhancing",
+                               LABEL_EDEMA: "edema"}
 
 
 def reference_modality(available, order: tuple[str, ...] = REFERENCE_ORDER) -> str:

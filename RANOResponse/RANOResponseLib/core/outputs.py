@@ -17,8 +17,11 @@ SLICE_VIEWS = ("slice_axial.png", "slice_coronal.png", "slice_sagittal.png")
 PREDICTION_JSON = "prediction.json"
 TRANSFORM_FILE = "followup_to_baseline.tfm"  # the registration, baseline point -> follow-up point
 BRAIN_MASK_FILE = "brain_mask.nii.gz"  # the baseline brain mask on the baseline reference grid
+# each timepoint's automatic tumour labels (1 enhancing, 2 necrotic / non-enhancing, 3 edema) on
+# its own reference grid
+SEGMENTATION_FILES = {"baseline": "segmentation_baseline.nii.gz", "followup": "segmentation_followup.nii.gz"}
 OUTPUT_NAMES = (PREDICTION_JSON, "saliency.nii.gz", "gradcam.nii.gz", TRANSFORM_FILE, BRAIN_MASK_FILE,
-                "overlay.png", *SLICE_VIEWS, SCENE_FILE.split("/")[0])
+                *SEGMENTATION_FILES.values(), "overlay.png", *SLICE_VIEWS, SCENE_FILE.split("/")[0])
 
 
 def read_prediction(path: Path | str) -> dict:
@@ -43,3 +46,18 @@ def read_prediction(path: Path | str) -> dict:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in probs.values()):
         raise RANOInputError(f"{p}: not a prediction ('probabilities' must map class names to numbers)")
     return d
+
+
+def prediction_studies(prediction: dict) -> dict[str, Path]:
+    """The two study folders a prediction was made on (``baseline``, ``followup``), from its inputs
+    description: a DICOM series' recorded path is its study folder, a file's folder is its parent.
+    Missing when prediction.json does not name them."""
+    inputs = prediction.get("inputs") or {}
+    folders: dict[str, Path] = {}
+    for tp in ("baseline", "followup"):
+        sequences = ((inputs.get("studies") or {}).get(tp) or {}).get("sequences") or {}
+        for m, path in (inputs.get(tp) or {}).items():
+            source = (sequences.get(m) or {}).get("source") or {}
+            folders[tp] = Path(source["path"]) if source.get("kind") == "dicom" else Path(path).parent
+            break
+    return folders

@@ -10,7 +10,7 @@ Two pairings:
 * ``previous``: each rated follow-up against the timepoint right before it in the rating CSV
   (the reference study, Matoso et al. 2025);
 * ``reference``: against the latest earlier reference visit, a Post-Op scan or a PR / CR nadir
-  (BraTPRO, MICCAI 2024).
+  (BraTPRO, MICCAI 2024), as :func:`RANOResponseLib.rano.course.latest_reference` picks it.
 
 Optional clinical features come from ``LUMIERE-Demographics_Pathology.csv`` (age, sex, IDH,
 MGMT) plus the weeks between the two scans of a pair.
@@ -30,12 +30,12 @@ import pandas as pd
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.names import CLASS_NAMES, PAIRINGS
 from RANOResponseLib.imaging.io import find_modality_file
+from RANOResponseLib.rano.course import latest_reference
 
 RATING_CSV = "LUMIERE-ExpertRating-v202211.csv"
 DEMOGRAPHICS_CSV = "LUMIERE-Demographics_Pathology.csv"
 WEEK_RE = re.compile(r"^week-(\d+)(?:-(\d+))?$")
 NOT_RANO_RE = re.compile(r"not\s+(a\s+)?rano", re.IGNORECASE)
-REFERENCE_RATINGS = ("Post-Op", "PR", "CR")  # BraTPRO's reference visits (post-op scan or nadir)
 CLINICAL_FEATURES = ("age", "sex_male", "idh_mutant", "mgmt_methylated", "interval_weeks")
 PAIR_TABLE_COLUMNS = ("patient", "baseline", "followup", "pairing", "rating", "label", "interval_weeks",
                       "status", "reason")
@@ -100,11 +100,6 @@ class Pair:
         return week_key(self.followup.name)[0] - week_key(self.baseline.name)[0]
 
 
-def _is_reference(rating: str) -> bool:
-    """Post-Op (also the dirty ``Post-Op/PD``: a post-operative scan), PR or CR."""
-    return rating.split("/")[0].strip() in REFERENCE_RATINGS
-
-
 def build_pairs(
     root: Path | str, modalities: Sequence[str], pairing: str = "previous"
 ) -> tuple[list[Pair], pd.DataFrame]:
@@ -161,10 +156,8 @@ def print_pair_table(table: pd.DataFrame, stream: TextIO = sys.stderr) -> None:
 def _choose_baseline(earlier: list[pd.Series], pairing: str) -> pd.Series | None:
     if pairing == "previous":
         return earlier[-1] if earlier else None
-    for r in reversed(earlier):
-        if _is_reference(r["rating"]):
-            return r
-    return None
+    i = latest_reference([r["rating"] for r in earlier])  # the course rules' reference visit
+    return None if i is None else earlier[i]
 
 
 def _safe_key(week: str) -> tuple[int, int]:

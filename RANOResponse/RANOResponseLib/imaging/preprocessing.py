@@ -274,11 +274,45 @@ def labels_to_reference(probabilities: np.ndarray, labels: Sequence[int], grid: 
                         reference: sitk.Image, brain: sitk.Image | None = None) -> sitk.Image:
     """Per-class probabilities ``(K, z, y, x)`` on a prepared grid -> a label map on the reference
     grid (uint8): each class's probability resampled linearly, then the most probable class
-    (``labels[k]`` for class ``k``; class 0 is background), zero outside ``brain``."""
-    stack = [sitk.GetArrayFromImage(to_reference(p, grid, reference, mask=False)) for p in probabilities]
-    out = np.asarray(labels, np.uint8)[np.argmax(np.stack(stack), axis=0)]
+    (``labels[k]`` for class ``k``; class 0 is background), zero outside ``brain``.
+
+    Only the reference's box that the grid covers (and that holds the brain) is resampled: the
+    rest is background anyway, and a 1 mm reference is mostly outside the brain (3x faster).
+    """
+    out = np.zeros(tuple(reversed(reference.GetSize())), np.uint8)
+    box = _reference_box(grid, reference, brain)
+    if box is not None:
+        lo, size = box
+        sub = sitk.Image(size, sitk.sitkUInt8)
+        sub.SetSpacing(reference.GetSpacing())
+        sub.SetDirection(reference.GetDirection())
+        sub.SetOrigin(reference.TransformIndexToPhysicalPoint(lo))
+        stack = [sitk.GetArrayFromImage(to_reference(p, grid, sub, mask=False)) for p in probabilities]
+        region = tuple(slice(start, start + n) for start, n in zip(reversed(lo), reversed(size)))
+        out[region] = np.asarray(labels, np.uint8)[np.argmax(np.stack(stack), axis=0)]
     if brain is not None:
         out[sitk.GetArrayViewFromImage(brain) == 0] = 0
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(reference)
     return image
+
+
+def _reference_box(grid: sitk.Image, reference: sitk.Image,
+                   brain: sitk.Image | None) -> tuple[list[int], list[int]] | None:
+    """``(start index, size)`` of the reference voxels inside ``grid`` (and inside ``brain``'s
+    bounding box), or None when there are none."""
+    corners = [grid.TransformContinuousIndexToPhysicalPoint([-0.5 if c == 0 else n - 0.5
+                                                             for c, n in zip(bits, grid.GetSize())])
+               for bits in np.ndindex(2, 2, 2)]
+    index = np.array([reference.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+    lo = np.maximum(np.floor(index.min(0)).astype(int), 0)
+    hi = np.minimum(np.ceil(index.max(0)).astype(int) + 1, reference.GetSize())
+    if brain is not None:
+        nz = np.nonzero(sitk.GetArrayViewFromImage(brain))
+        if len(nz[0]) == 0:
+            return None
+        lo = np.maximum(lo, [nz[2].min(), nz[1].min(), nz[0].min()])
+        hi = np.minimum(hi, [nz[2].max() + 1, nz[1].max() + 1, nz[0].max() + 1])
+    if (hi <= lo).any():
+        return None
+    return [int(v) for v in lo], [int(v) for v in hi - lo]

@@ -35,6 +35,12 @@ class Prediction:
     gradcam: np.ndarray | None = None
     raw_max: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # each member's probabilities (n_models, n_classes), for per-member calibration
+    members: np.ndarray | None = None
+    # set by inference.calibration.apply_calibration: the network's own mean probabilities (when
+    # ``probabilities`` were calibrated) and whether the prediction is uncertain
+    uncalibrated: np.ndarray | None = None
+    uncertain: dict | None = None
 
 
 @contextlib.contextmanager
@@ -73,7 +79,7 @@ def predict(models: Sequence[torch.nn.Module], x: torch.Tensor) -> Prediction:
     mean = probs.mean(0).cpu().numpy()
     spread = probs.std(0, unbiased=False).cpu().numpy()
     return Prediction(mean, spread, int(mean.argmax()),
-                      timings={"inference": time.perf_counter() - t0})
+                      timings={"inference": time.perf_counter() - t0}, members=probs.cpu().numpy())
 
 
 def predict_with_maps(
@@ -122,6 +128,7 @@ def predict_with_maps(
         gradcam=_unit(cam_np),
         raw_max=raw,
         timings={"inference": t1 - t0, "attributions": t2 - t1},
+        members=probs.cpu().numpy(),
     )
 
 

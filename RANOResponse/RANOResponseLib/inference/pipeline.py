@@ -5,7 +5,9 @@ call: it loads the studies (NIfTI/NRRD files or DICOM, :func:`~RANOResponseLib.i
 prepares the network input (brain masks, alignment, registration, model grid:
 :func:`~RANOResponseLib.inference.inputs.prepare_inputs`), checks it against what the bundle was
 trained on (:mod:`~RANOResponseLib.inference.guard`), runs the ensemble and masks the maps by the
-brain. ``write_outputs`` writes its result; ``run_predict`` is both, atomically;
+brain, and segments the tumour at both timepoints to measure RANO beside the network
+(:mod:`~RANOResponseLib.inference.segmentation`, :mod:`~RANOResponseLib.inference.measured`).
+``write_outputs`` writes its result; ``run_predict`` is both, atomically;
 ``read_prediction`` is the one reader of the ``prediction.json`` it writes.
 """
 
@@ -28,6 +30,7 @@ from RANOResponseLib.core.outputs import (  # noqa: F401  (re-exported: the pipe
     OUTPUT_NAMES,
     PREDICTION_JSON,
     SCENE_FILE,
+    SEGMENTATION_FILES,
     SLICE_VIEWS,
     TRANSFORM_FILE,
     read_prediction,
@@ -41,9 +44,15 @@ from RANOResponseLib.imaging.registration import RegistrationParams, Registratio
 from RANOResponseLib.imaging.studies import SeriesOverrides, check_pair, load_study
 from RANOResponseLib.inference import guard
 from RANOResponseLib.inference.attributions import Prediction, predict, predict_with_maps
+from RANOResponseLib.inference.calibration import apply_calibration, summary_fields  # issue 12
+from RANOResponseLib.inference.explanations import explain_result  # issue 12
 from RANOResponseLib.inference.inputs import BrainMask, prepare_inputs
+from RANOResponseLib.inference.measured import measure_automatic
+from RANOResponseLib.inference.segmentation import Segmentation, segment_study
 from RANOResponseLib.model.bundle import Bundle, load_models, read_bundle
 from RANOResponseLib.model.device import resolve_device
+from RANOResponseLib.model.segmentation import SegBundle, load_seg_models, read_seg_bundle
+from RANOResponseLib.rano.measurement import PairMeasurement
 
 Progress = Callable[[str, float], None]
 
@@ -65,6 +74,10 @@ class PairResult:
     brains: dict[str, BrainMask] = field(default_factory=dict)  # timepoint -> brain mask
     description: dict = field(default_factory=dict)  # the inputs described (inference.inputs)
     input_check: dict = field(default_factory=dict)  # the guard's verdict and reasons
+    segmentations: dict[str, Segmentation] = field(default_factory=dict)  # timepoint -> its tumour labels
+    measured: dict | None = None  # prediction.json's "measured" block (None: not segmented)
+    pair_measurement: PairMeasurement | None = None  # the lesions of both timepoints, matched
+    explanations: dict | None = None  # maps vs tumour + edema (inference.explanations; needs maps and segmentations)
 
     @property
     def label(self) -> str:
@@ -105,6 +118,8 @@ class PairResult:
         return {
             "label": self.label,
             "probabilities": self.probabilities,
+            **summary_fields(self),  # network's own probabilities, uncertain, suggested (inference.calibration)
+            "explanations": self.explanations,
             "ensemble_spread": spread,
             "ensemble_size": len(self.bundle.weights),
             "maps_explain": self.bundle.class_names[self.prediction.target] if self.maps else None,
@@ -118,6 +133,7 @@ class PairResult:
             "model_grid": self.model_grid(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "map_scale": self.prediction.raw_max,
+            "measured": self.measured,
             "rano_response_version": __version__,
             "note": "Research software, not for clinical use.",
         }
@@ -132,6 +148,14 @@ def _load_models_cached(bundle: Bundle, device: torch.device) -> list[torch.nn.M
 
 # One bundle kept loaded, so a Slicer session or a batch does not reload weights per case.
 _MODEL_CACHE: dict[str, object] = {}
+_SEG_MODEL_CACHE: dict[str, object] = {}  # the same for the segmentation bundle
+
+
+def _load_seg_models_cached(bundle: SegBundle, device: torch.device) -> list[torch.nn.Module]:
+    key = (str(bundle.path), tuple(bundle.sha256), str(device))
+    if _SEG_MODEL_CACHE.get("key") != key:
+        _SEG_MODEL_CACHE["key"], _SEG_MODEL_CACHE["models"] = key, load_seg_models(bundle, device)
+    return _SEG_MODEL_CACHE["models"]  # type: ignore[return-value]
 
 
 def _folder(study: Path | str | Study) -> Path:
@@ -139,17 +163,19 @@ def _folder(study: Path | str | Study) -> Path:
 
 
 def _as_study(study: Path | str | Study, bundle: Bundle, series: SeriesOverrides | None,
-              rules: Rules | Mapping | Path | str | None) -> Study:
-    """A loaded study as is; a folder (NIfTI/NRRD files or DICOM) is loaded with the bundle's modalities."""
+              rules: Rules | Mapping | Path | str | None, seg: SegBundle | None = None) -> Study:
+    """A loaded study as is; a folder (NIfTI/NRRD files or DICOM) is loaded with the modalities
+    of the bundle and of the segmentation bundle."""
     if isinstance(study, Study):
         return study
-    return load_study(study, bundle.spec.modalities, series=series, rules=rules,
-                      required_by=f"bundle '{bundle.id}'")
+    modalities = tuple(dict.fromkeys((*bundle.spec.modalities, *(seg.modalities if seg else ()))))
+    required_by = f"bundle '{bundle.id}'" + (f" or segmentation bundle '{seg.id}'" if seg else "")
+    return load_study(study, modalities, series=series, rules=rules, required_by=required_by)
 
 
 # Progress fractions of the stages predict_pair reports (each when it completes).
 _PROGRESS = {"read": 0.1, "brain masks": 0.3, "aligned": 0.4, "registered": 0.55, "resampled": 0.65,
-             "predicted": 0.9}
+             "predicted": 0.8, "segmented": 0.95}
 
 
 def predict_pair(
@@ -166,16 +192,20 @@ def predict_pair(
     series: SeriesOverrides | None = None,
     series_rules: Rules | Mapping | Path | str | None = None,
     allow_different: bool = False,
+    segmentation: bool = True,
+    seg_bundle: SegBundle | Path | str | None = None,
 ) -> PairResult:
     """Load, find the brains, align, register, resample, check, run the model and (optionally)
-    the maps, for one case pair.
+    the maps, then segment both timepoints and measure RANO from them, for one case pair.
 
     ``roi_center``: centre of the crop in RAS mm (a Slicer ROI's centre, ``--roi-center``);
     by default the crop is centred on the baseline brain. ``brain_mask``: ``--brain-mask``
     (``auto``, ``model``, ``none``, a file name inside each study folder, or ``BASE,FOLLOW``;
     see :func:`~RANOResponseLib.inference.inputs.brain_sources`). ``series``, ``series_rules``:
     which DICOM series is which modality (``--series``, ``--series-rules``);
-    ``allow_different``: accept two DICOM studies of different PatientIDs.
+    ``allow_different``: accept two DICOM studies of different PatientIDs. ``segmentation``:
+    segment both timepoints with ``seg_bundle`` (default: the shipped segmentation bundle;
+    ``--no-segmentation`` turns it off) and measure RANO (``PairResult.measured``).
     A pair that is not a brain MRI pair is refused (:class:`RANOInputError`) before the network runs.
     """
     report = progress or (lambda stage, frac: None)
@@ -186,14 +216,18 @@ def predict_pair(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    seg = None
+    if segmentation:
+        seg = seg_bundle if isinstance(seg_bundle, SegBundle) else read_seg_bundle(seg_bundle)
     dev = resolve_device(device, notice)
 
     t = time.perf_counter()
     check_distinct_studies(_folder(baseline), _folder(followup))
-    base = _as_study(baseline, bundle, series, series_rules)
-    fu = _as_study(followup, bundle, series, series_rules)
+    base = _as_study(baseline, bundle, series, series_rules, seg)
+    fu = _as_study(followup, bundle, series, series_rules, seg)
     check_pair(base, fu, allow_different)
     models = _load_models_cached(bundle, dev)
+    seg_models = _load_seg_models_cached(seg, dev) if seg is not None else None
     timings["read"] = time.perf_counter() - t
     stage("read")
 
@@ -216,11 +250,36 @@ def predict_pair(
     else:
         pred = predict(models, x)
     timings.update(pred.timings)
-    timings["total"] = time.perf_counter() - t_start
+    apply_calibration(pred, bundle.calibration, bundle.class_names)  # calibrated probabilities, "uncertain"
     stage("predicted")
     roi = None if roi_center is None else tuple(float(v) for v in roi_center)
-    return PairResult(bundle, str(dev), inputs.baseline, inputs.followup, inputs.registration, prepared,  # type: ignore[arg-type]
-                      pred, maps, timings, roi, inputs.brains, inputs.description, input_check)
+    result = PairResult(bundle, str(dev), inputs.baseline, inputs.followup, inputs.registration, prepared,  # type: ignore[arg-type]
+                        pred, maps, timings, roi, inputs.brains, inputs.description, input_check)
+    if seg is not None:
+        _segment_and_measure(result, seg, seg_models, dev)  # type: ignore[arg-type]
+        stage("segmented")
+        result.explanations = explain_result(result)  # energy inside tumour + edema, pointing game
+    timings["total"] = time.perf_counter() - t_start
+    return result
+
+
+def _segment_and_measure(result: PairResult, seg: SegBundle, models: Sequence[torch.nn.Module],
+                         device: torch.device) -> None:
+    """Segment both (aligned) studies inside their brains, measure and decide RANO from the labels
+    (lesions matched through the registration) and set the result's ``segmentations``,
+    ``pair_measurement`` and ``measured``."""
+    t = time.perf_counter()
+    studies = {"baseline": result.baseline, "followup": result.followup}
+    result.segmentations = {tp: segment_study(s, result.brains[tp].image, seg, device, models)
+                            for tp, s in studies.items()}
+    result.timings["segmentation"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result.pair_measurement, result.measured = measure_automatic(
+        result.segmentations["baseline"].image, result.segmentations["followup"].image,
+        result.registration.transform, {"label": result.label, "probabilities": result.probabilities},
+        {"id": seg.id, "path": str(seg.path), "sha256": [d for d in seg.sha256 if d]},
+        {tp: {"file": SEGMENTATION_FILES[tp], **s.as_dict()} for tp, s in result.segmentations.items()})
+    result.timings["measure"] = time.perf_counter() - t
 
 
 def result_title(result: PairResult) -> str:
@@ -250,6 +309,8 @@ def write_outputs(result: PairResult, out: Path, writers: Sequence[OutputWriter]
     files["transform"] = tfm
     if "baseline" in result.brains:
         files["brain_mask"] = write_image(result.brains["baseline"].image, out / BRAIN_MASK_FILE)
+    for tp, seg in result.segmentations.items():
+        files[f"segmentation_{tp}"] = write_image(seg.image, out / SEGMENTATION_FILES[tp])
     for writer in writers:
         files.update(writer(result, out, dict(files)))
     result.timings["write"] = time.perf_counter() - t
@@ -274,6 +335,8 @@ def run_predict(
     series: SeriesOverrides | None = None,
     series_rules: Rules | Mapping | Path | str | None = None,
     allow_different: bool = False,
+    segmentation: bool = True,
+    seg_bundle: SegBundle | Path | str | None = None,
 ) -> tuple[PairResult, dict[str, Path]]:
     """``rano-response predict``: all outputs appear in ``out`` together, or none do.
 
@@ -282,7 +345,7 @@ def run_predict(
     """
     result = predict_pair(baseline, followup, bundle, device, attributions, progress=progress, notice=notice,
                           roi_center=roi_center, brain_mask=brain_mask, series=series, series_rules=series_rules,
-                          allow_different=allow_different)
+                          allow_different=allow_different, segmentation=segmentation, seg_bundle=seg_bundle)
     with atomic_output_dir(out, owned=OUTPUT_NAMES) as stage:
         files = write_outputs(result, stage, writers)
         rel = {k: p.relative_to(stage) for k, p in files.items()}

@@ -7,6 +7,11 @@ Several weight files form an ensemble (e.g. the k fold models); predict averages
 ``input_statistics`` (optional) records what the training inputs looked like (brain volumes, slice
 thickness, registration quality, intensities inside the brain; made by
 :func:`RANOResponseLib.inference.guard.statistics`): predict's input guard compares each pair with it.
+``calibration`` (optional) holds one temperature per ensemble member and the "uncertain" thresholds,
+``suggestion`` (optional) a multinomial logistic regression as plain numbers (no pickle) that
+combines the network's probabilities with the measured RANO category; both are fitted inside the
+cross-validation folds on validation patients (:mod:`ResponseTrainingLib.analysis.calibration`)
+and applied by :mod:`RANOResponseLib.inference.calibration`.
 
 Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is checked:
 a weights file never runs code and a corrupted or swapped file is refused.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +60,17 @@ class Bundle:
     def input_statistics(self) -> dict[str, Any] | None:
         """What the training inputs looked like, or None for a bundle made without them."""
         return self.meta.get("input_statistics")
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """Per-member temperatures and the "uncertain" thresholds, or None (probabilities as the
+        network gives them)."""
+        return self.meta.get("calibration")
+
+    @property
+    def suggestion(self) -> dict[str, Any] | None:
+        """The model of the suggested category (network + measured RANO), or None."""
+        return self.meta.get("suggestion")
 
 
 def sha256(path: Path | str, chunk: int = 1 << 20) -> str:
@@ -136,6 +153,10 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
         _require(isinstance(w, dict) and "file" in w and "sha256" in w, meta_file,
                  "each weights entry needs 'file' and 'sha256'")
         _require((root / w["file"]).is_file(), root / w["file"], "weights file missing")
+    if meta.get("calibration") is not None:
+        _check_calibration(meta["calibration"], len(weights), meta_file)
+    if meta.get("suggestion") is not None:
+        _check_suggestion(meta["suggestion"], class_names, meta_file)
 
     spec = InputSpec(
         modalities=modalities,
@@ -155,6 +176,52 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
         weights=weights,
         meta=meta,
     )
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_calibration(cal: Any, members: int, where: Path) -> None:
+    """``calibration``: ``{"method": "temperature", "temperatures": [one > 0 per weights entry],
+    "uncertain": {"top_probability_below": p in [0, 1], "spread_above": s >= 0 or null, "chosen_on": ...}}``."""
+    _require(isinstance(cal, dict) and cal.get("method") == "temperature", where,
+             "calibration must be an object with method 'temperature'")
+    temps = cal.get("temperatures")
+    _require(isinstance(temps, list) and len(temps) == members and all(_number(t) and t > 0 for t in temps),
+             where, f"calibration.temperatures must be {members} positive numbers (one per weights entry)")
+    unc = cal.get("uncertain")
+    if unc is not None:
+        _require(isinstance(unc, dict), where, "calibration.uncertain must be an object")
+        top, spread = unc.get("top_probability_below"), unc.get("spread_above")
+        _require(_number(top) and 0 <= top <= 1, where, "calibration.uncertain.top_probability_below must be in [0, 1]")
+        _require(spread is None or (_number(spread) and spread >= 0), where,
+                 "calibration.uncertain.spread_above must be a number >= 0 or null")
+
+
+def _check_suggestion(sug: Any, class_names: Sequence[str], where: Path) -> None:
+    """``suggestion``: a multinomial logistic regression on named features as numbers: ``classes``
+    (the bundle's class names), ``features``, ``impute``/``mean``/``scale`` per feature, ``coef``
+    (classes x features) and ``intercept`` (per class)."""
+    _require(isinstance(sug, dict) and sug.get("method") == "multinomial-logistic-regression", where,
+             "suggestion must be an object with method 'multinomial-logistic-regression'")
+    _require(list(sug.get("classes", [])) == list(class_names), where,
+             f"suggestion.classes must be the bundle's class names {list(class_names)}")
+    feats = sug.get("features")
+    _require(isinstance(feats, list) and len(feats) > 0 and all(isinstance(f, str) for f in feats), where,
+             "suggestion.features must be a non-empty list of names")
+    n = len(feats)
+    for key in ("impute", "mean", "scale"):
+        v = sug.get(key)
+        _require(isinstance(v, list) and len(v) == n and all(_number(x) for x in v), where,
+                 f"suggestion.{key} must be {n} numbers (one per feature)")
+    _require(all(x > 0 for x in sug["scale"]), where, "suggestion.scale must be positive")
+    coef, icpt = sug.get("coef"), sug.get("intercept")
+    _require(isinstance(coef, list) and len(coef) == len(class_names)
+             and all(isinstance(r, list) and len(r) == n and all(_number(x) for x in r) for r in coef), where,
+             f"suggestion.coef must be {len(class_names)} rows of {n} numbers")
+    _require(isinstance(icpt, list) and len(icpt) == len(class_names) and all(_number(x) for x in icpt), where,
+             f"suggestion.intercept must be {len(class_names)} numbers")
 
 
 _MODALITIES_CACHE: dict[str, tuple[int, tuple[str, ...]]] = {}  # bundle.json -> (mtime_ns, modalities)

@@ -28,10 +28,13 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 
 from RANOResponseLib.core.errors import BundleError, DeviceError, RANOInputError
 from RANOResponseLib.core.names import MODALITIES, REFERENCE_ORDER
+from RANOResponseLib.mrml.course_panel import CoursePanel
 
 ROLES = ("baseline", "followup")
 MAP_CHOICES = {"Grad-CAM": "gradcam", "Saliency": "saliency"}  # the panel's map menu -> map kind
-PREDICTION_ROLES = ("transform", "gradcam", "saliency", "roi", "table", "brain")  # scene.ROLE values of a case
+# scene.ROLE values of a case's nodes (the last two: tumour_scene.SEGMENTATION_ROLES)
+PREDICTION_ROLES = ("transform", "gradcam", "saliency", "roi", "table", "brain", "segmentation_baseline",
+                    "segmentation_followup")
 STEP_MESSAGES = {
     "next": "End of the worklist: this is its last case.",
     "previous": "Start of the worklist: this is its first case.",
@@ -55,6 +58,8 @@ class PanelParameters(Protocol):
     gradcam: Any
     saliency: Any
     table: Any
+    coursePatient: Path  # a patient folder (Patient-XXX/week-*) or a course CSV
+    courseFolder: Path  # the timeline output folder (written by Run timeline, read by Load course)
 
 
 @dataclass
@@ -95,23 +100,6 @@ def _tagged(scene: Any, attribute: str, values: tuple[str, ...] | None = None) -
     return found
 
 
-def result_html(summary: Mapping[str, Any]) -> str:
-    """The panel's result text: predicted class, model, each class's probability and spread, and
-    the input guard's verdict with its reasons (e.g. "outside what the model was trained on")."""
-    from html import escape
-
-    spread = summary.get("ensemble_spread", {})
-    rows = "".join(f"<tr><td>{c}</td><td align='right'>{v:.2f}</td>"
-                   f"<td align='right'>± {spread.get(c, 0):.2f}</td></tr>"
-                   for c, v in summary["probabilities"].items())
-    check = summary.get("input_check") or {}
-    reasons = "".join(f"<li>{escape(r)}</li>" for r in check.get("reasons", []))
-    verdict = (f"<p><b>Input check: {escape(check['verdict'])}</b>" + (f"<ul>{reasons}</ul>" if reasons else "")
-               + "</p>") if check else ""
-    return (f"<b>Predicted: {summary['label']}</b> &nbsp; (model {summary['bundle']['id']})"
-            f"<table>{rows}</table>{verdict}<i>Research use only, not for clinical use.</i>")
-
-
 def transform_from_node(node: Any):
     """The registration a linear transform node holds, as the SimpleITK transform ``predict`` wrote
     (baseline LPS point -> follow-up LPS point): the inverse of ``scene.transform_to_ras_matrix``."""
@@ -134,8 +122,9 @@ def export_result(scene: Any, nodes: Any, folder: Path | str) -> Path:
     """Write the prediction the scene shows as a ``predict`` output folder (what the report reads).
 
     prediction.json is the prediction's summary; its input studies stay the files it was made on
-    while they exist, else the scene's study nodes are written there. The transform and the maps
-    come from their scene nodes (Apply's own folder is gone by then).
+    while they exist, else the scene's study nodes are written there. The transform, the maps and
+    the tumour segmentations (as the reader may have edited them) come from their scene nodes
+    (Apply's own folder is gone by then).
     """
     import SimpleITK as sitk
 
@@ -155,12 +144,22 @@ def export_result(scene: Any, nodes: Any, folder: Path | str) -> Path:
     for kind, node_id in nodes.maps.items():
         outputs[kind] = f"{kind}.nii.gz"
         sitk.WriteImage(node_to_image(scene.GetNodeByID(node_id)), str(folder / outputs[kind]), True)
+    if nodes.segmentations:
+        from RANOResponseLib.mrml.scene import reference_node
+        from RANOResponseLib.mrml.tumour_scene import SEGMENTATION_ROLES, tumour_labels
+
+        for tp, node_id in nodes.segmentations.items():
+            key = SEGMENTATION_ROLES[tp]
+            outputs[key] = f"{key}.nii.gz"
+            volumes = {m: scene.GetNodeByID(i) for m, i in getattr(nodes, tp).items()}
+            labels = tumour_labels(scene.GetNodeByID(node_id), reference_node(volumes))
+            sitk.WriteImage(labels, str(folder / outputs[key]), True)
     summary["outputs"] = outputs
     (folder / "prediction.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return folder
 
 
-class PanelLogic:
+class PanelLogic(CoursePanel):
     """The RANO Response panel on one scene: studies, Apply, overlay, review, report.
 
     ``python``: the interpreter that runs ``predict`` (``PythonSlicer`` in Slicer; None: this one).
@@ -173,6 +172,8 @@ class PanelLogic:
         self.python = python
         self.result: ShownResult | None = None
         self.assessment: Any = None  # measurement_scene.CaseAssessment of the shown case
+        self.on_change: Callable[[], None] | None = None  # called when a moved line changed the measurement
+        self.course: Any = None  # course_scene.CourseNodes of the loaded course
         self.review: Any = None  # review.store.ReviewSession
         self._folders: dict[str, Path] = {}
         self._overlay: tuple | None = None
@@ -264,7 +265,7 @@ class PanelLogic:
     def reset(self) -> None:
         """Forget the scene's nodes (the scene was closed); the review session stays open."""
         self._stop_line_observers()
-        self.result = self.assessment = self._overlay = None
+        self.result = self.assessment = self._overlay = self.course = None
         self._folders = {}
 
     def fit_roi(self, p: PanelParameters) -> Any:
@@ -309,8 +310,18 @@ class PanelLogic:
         """Put a finished job's outputs into the scene and the parameters; returns its summary."""
         from RANOResponseLib.mrml.runner import finish_predict
 
-        nodes = finish_predict(self.scene, job)
-        self.result = ShownResult({role: Path(f).resolve() for role, f in job.inputs.items()}, nodes)
+        return self.show_prediction(p, finish_predict(self.scene, job), job.inputs)
+
+    def show_prediction(self, p: PanelParameters, nodes: Any, inputs: Mapping[str, Path]) -> dict:
+        """Make a prediction already in the scene (``scene.SceneNodes``, made on the study folders
+        ``inputs``) the shown one; returns its summary. With the automatic segmentation's
+        measurement, its diameter lines are watched: moving one recomputes the measured classes
+        and calls :attr:`on_change`."""
+        self._stop_line_observers()
+        self.result = ShownResult({role: Path(f).resolve() for role, f in inputs.items()}, nodes)
+        self.assessment = self._automatic_assessment()
+        if self.assessment is not None:
+            self._watch_lines()
         get = self.scene.GetNodeByID
         p.transform, p.table = get(nodes.transform), get(nodes.table)
         p.gradcam = get(nodes.gradcam) if nodes.gradcam else None
@@ -382,36 +393,54 @@ class PanelLogic:
         wanted = {"baseline": Path(case.baseline).resolve(), "followup": Path(case.followup).resolve()}
         return r if r.inputs == wanted else None
 
-    def measure_case(self, on_change: Callable[[str], None] | None = None) -> str:
+    def measure_case(self) -> str:
         """Measure the current case, draw the editable diameters and apply RANO; returns the panel's
-        text. ``on_change(html)`` is called with new text whenever a diameter line moves."""
-        from RANOResponseLib.mrml.measurement_scene import (
-            assess_case,
-            assessment_html,
-            observe_lines,
-            reassess,
-        )
+        text. A manual mask next to the studies (DeepBraTumIA, HD-GLIO) is measured when there is
+        one; else the shown prediction's automatic segmentation is (its lines, as predict drew
+        them). Moving a line recomputes the measurement and calls :attr:`on_change`."""
+        from RANOResponseLib.mrml.measurement_scene import assess_case, assessment_html, reassess
+        from RANOResponseLib.rano.measurement import find_pair_segmentations
 
         if self.review is None:
             raise RANOInputError("open a worklist first")
         case = self.review.current
-        self._stop_line_observers()
-        for node in self._diameter_line_nodes():
-            remove_node(self.scene, node)
         shown = self.result_for(case)
-        transform_id = shown.nodes.transform if shown else None
-        self.assessment = assess_case(
-            self.scene, case.baseline, case.followup,
-            transform=transform_from_node(self.scene.GetNodeByID(transform_id)) if shown else None,
-            followup_transform_node_id=transform_id, prediction=shown.nodes.summary if shown else None)
-
-        def moved() -> None:
-            self.assessment = reassess(self.scene, self.assessment)
-            if on_change:
-                on_change(assessment_html(self.assessment))
-
-        self._stop_observing = observe_lines(self.assessment.lines, moved)
+        try:
+            find_pair_segmentations(case.baseline, case.followup)
+        except RANOInputError as no_mask:
+            automatic = self._automatic_assessment() if shown is not None else None
+            if automatic is None:
+                raise RANOInputError(f"{no_mask} -- and no automatic segmentation: run Apply (with the "
+                                     "segmentation) on this case first") from None
+            self.assessment = reassess(self.scene, automatic)  # the lines as the reader left them
+        else:
+            self._stop_line_observers()  # before their lines go
+            for node in self._diameter_line_nodes():
+                remove_node(self.scene, node)
+            transform_id = shown.nodes.transform if shown else None
+            self.assessment = assess_case(
+                self.scene, case.baseline, case.followup,
+                transform=transform_from_node(self.scene.GetNodeByID(transform_id)) if shown else None,
+                followup_transform_node_id=transform_id, prediction=shown.nodes.summary if shown else None)
+        self._watch_lines()
         return assessment_html(self.assessment)
+
+    def result_text(self) -> str:
+        """The results panel: the network's class and probabilities, and the measured classes
+        (RANO, RANO 2.0) beside it with a disagreement flagged; the current measurement (the
+        reader's moved lines included) when there is one."""
+        if self.result is None:
+            return "No prediction yet."
+        from RANOResponseLib.mrml.panel_text import compare_classes, result_html
+
+        summary = self.result.nodes.summary
+        return result_html(summary, compare_classes(summary, self.assessment))
+
+    def measurement_text(self) -> str:
+        """The review panel's measurement text ('' before a measurement)."""
+        from RANOResponseLib.mrml.measurement_scene import assessment_html
+
+        return assessment_html(self.assessment) if self.assessment is not None else ""
 
     def save_verdict(self, agree: bool, label: str, confidence: int, note: str) -> str:
         """Save the reviewer's verdict on the current case (with the model's and the rules' answer
@@ -452,6 +481,32 @@ class PanelLogic:
                                 case_id=self.review.current.case_id if self.review is not None else None)
 
     # ---------------------------------------------------------------------------- helpers
+    def _automatic_assessment(self) -> Any:
+        """The shown prediction's measurement of its own segmentations, over the diameter lines it
+        put into the scene (None without one)."""
+        from RANOResponseLib.mrml.measurement_scene import assess_pair, find_diameter_lines
+        from RANOResponseLib.mrml.tumour_scene import measured_pair
+        from RANOResponseLib.review.report import measurement_source
+
+        summary = self.result.nodes.summary if self.result is not None else {}
+        pair = measured_pair(summary)
+        if pair is None:
+            return None
+        return assess_pair(pair, find_diameter_lines(self.scene), summary,
+                           source=measurement_source(pair, summary))
+
+    def _watch_lines(self) -> None:
+        """Re-measure when a diameter line moves, then tell the panel (:attr:`on_change`)."""
+        from RANOResponseLib.mrml.measurement_scene import observe_lines, reassess
+
+        def moved() -> None:
+            self.assessment = reassess(self.scene, self.assessment)
+            if self.on_change is not None:
+                self.on_change()
+
+        self._stop_line_observers()
+        self._stop_observing = observe_lines(self.assessment.lines, moved)
+
     def _diameter_line_nodes(self) -> list:
         from RANOResponseLib.mrml.measurement_scene import ATTR
 

@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.core.styles import DIAMETER_COLORS
 from RANOResponseLib.imaging.geometry import lps_to_ras, ras_to_lps
 from RANOResponseLib.mrml.scene import node_to_image
 from RANOResponseLib.rano.measurement import (
@@ -37,7 +38,6 @@ from RANOResponseLib.rano.rules import RANOThresholds, RuleResult, decide
 
 ATTR = "RANOResponse.diameter"  # "<timepoint>:<lesion id>:<long|perpendicular>"
 TIMEPOINTS = ("baseline", "followup")
-COLORS = {"baseline": (1.0, 0.85, 0.1), "followup": (0.1, 0.85, 1.0)}
 PERPENDICULAR_TOLERANCE_DEG = 10.0
 
 
@@ -194,14 +194,16 @@ def line_length(node: Any) -> float:
     return float(np.linalg.norm(p[1] - p[0]))
 
 
-def _new_line(scene: Any, name: str, a: Sequence[float], b: Sequence[float], attr: str,
-              color: tuple[float, float, float], transform_node_id: str | None) -> Any:
+def new_line(scene: Any, name: str, a: Sequence[float], b: Sequence[float], tag: str,
+             color: tuple[float, float, float], transform_node_id: str | None, attribute: str = ATTR) -> Any:
+    """A line markup from LPS point ``a`` to ``b``, tagged ``attribute = tag``, in ``color``, under
+    the transform node ``transform_node_id`` (None: none)."""
     import vtk
 
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", name)
     node.AddControlPoint(vtk.vtkVector3d(*lps_to_ras(a)))
     node.AddControlPoint(vtk.vtkVector3d(*lps_to_ras(b)))
-    node.SetAttribute(ATTR, attr)
+    node.SetAttribute(attribute, tag)
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     if display is not None:
@@ -234,12 +236,20 @@ def add_diameter_lines(
     for le in measurement.lesions:
         if measurable_only and not le.measurable:
             continue
-        long = _new_line(scene, f"{label} {le.name} d1", *le.d1_points, f"{timepoint}:{le.id}:long",
-                         COLORS[timepoint], transform_node_id)
-        perp = _new_line(scene, f"{label} {le.name} d2", *le.d2_points, f"{timepoint}:{le.id}:perpendicular",
-                         COLORS[timepoint], transform_node_id)
+        long = new_line(scene, f"{label} {le.name} d1", *le.d1_points, f"{timepoint}:{le.id}:long",
+                         DIAMETER_COLORS[timepoint], transform_node_id)
+        perp = new_line(scene, f"{label} {le.name} d2", *le.d2_points, f"{timepoint}:{le.id}:perpendicular",
+                         DIAMETER_COLORS[timepoint], transform_node_id)
         out.append(DiameterLines(timepoint, le.id, long, perp))
     return out
+
+
+def add_pair_lines(scene: Any, pair: PairMeasurement, followup_transform_node_id: str | None = None,
+                   measurable_only: bool = False) -> list[DiameterLines]:
+    """Both timepoints' diameter lines (:func:`add_diameter_lines`); the follow-up's under the
+    transform node its volumes observe (e.g. the registration), so they lie on them."""
+    return (add_diameter_lines(scene, pair.baseline, "baseline", measurable_only)
+            + add_diameter_lines(scene, pair.followup, "followup", measurable_only, followup_transform_node_id))
 
 
 def find_diameter_lines(scene: Any, timepoint: str | None = None) -> list[DiameterLines]:
@@ -336,6 +346,7 @@ class CaseAssessment:
     lines: list[DiameterLines]
     comparison: Any = None  # rano_rules.Comparison
     prediction: dict | None = None
+    source: str = ""  # what was measured: "manual mask (...)" or "automatic segmentation, bundle ..."
 
     def summary(self) -> dict:
         """What a verdict stores as the rule-based category and its reasons."""
@@ -360,14 +371,22 @@ def assess_case(
     so the follow-up lines sit on them. ``prediction``: a predict output folder or its summary.
     """
     from RANOResponseLib.rano.measurement import measure_timepoints
-    from RANOResponseLib.rano.rules import compare_with_prediction
+    from RANOResponseLib.review.report import measurement_source
 
     pair = measure_timepoints(baseline, followup, transform=transform, source=source)
-    lines = add_diameter_lines(scene, pair.baseline, "baseline")
-    lines += add_diameter_lines(scene, pair.followup, "followup", transform_node_id=followup_transform_node_id)
+    lines = add_pair_lines(scene, pair, followup_transform_node_id)
+    return assess_pair(pair, lines, prediction, criteria, measurement_source(pair))
+
+
+def assess_pair(pair: PairMeasurement, lines: Sequence[DiameterLines], prediction: Any = None,
+                criteria: str = "RANO", source: str = "") -> CaseAssessment:
+    """The assessment of measurements whose diameter lines are already in the scene (e.g. those
+    ``predict``'s automatic segmentation put there): the rules, and the comparison with the model."""
+    from RANOResponseLib.rano.rules import compare_with_prediction
+
     rule = decide(pair, criteria=criteria)
     comparison = compare_with_prediction(rule, prediction) if prediction is not None else None
-    return CaseAssessment(pair, rule, lines, comparison, prediction)
+    return CaseAssessment(pair, rule, list(lines), comparison, prediction, source)
 
 
 def reassess(scene: Any, assessment: CaseAssessment, criteria: str | None = None) -> CaseAssessment:
@@ -377,7 +396,7 @@ def reassess(scene: Any, assessment: CaseAssessment, criteria: str | None = None
     pair, rule = recompute(scene, assessment.pair, criteria=criteria or assessment.rule.criteria)
     comparison = (compare_with_prediction(rule, assessment.prediction)
                   if assessment.prediction is not None else None)
-    return CaseAssessment(pair, rule, assessment.lines, comparison, assessment.prediction)
+    return CaseAssessment(pair, rule, assessment.lines, comparison, assessment.prediction, assessment.source)
 
 
 def assessment_html(assessment: CaseAssessment) -> str:
@@ -396,7 +415,8 @@ def assessment_html(assessment: CaseAssessment) -> str:
              f"<th>product (mm²)</th><th>volume (mL)</th><th>measurable</th><th>status</th></tr>{rows}</table>")
     rule = assessment.rule
     reasons = "".join(f"<li>{escape(s)}</li>" for s in rule.reasoning)
-    verdict = f"<p><b>{escape(rule.criteria)}: {escape(rule.category)}</b></p><ul>{reasons}</ul>"
+    source = f"<p>Measured from {escape(assessment.source)}.</p>" if assessment.source else ""
+    verdict = f"{source}<p><b>{escape(rule.criteria)}: {escape(rule.category)}</b></p><ul>{reasons}</ul>"
     if assessment.comparison is not None:
         c = assessment.comparison
         colour = "black" if c.agree else "#b00000"

@@ -9,7 +9,9 @@ Progress lines understood (stdout or stderr):
 
 * ``[ 55.0%] registered``: what ``rano-response predict`` prints;
 * one JSON object per line with a ``frac`` key (and any other keys): what
-  ``rano-response train --progress-json`` prints.
+  ``rano-response train --progress-json`` prints;
+* a tqdm bar, ``Patient-001:  33%|###  | 2/6 [00:41<...]``: what ``rano-response timeline`` prints
+  (the child's output is read in text mode, so each ``\r`` redraw arrives as a line).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Sequence
 
 CORE_CLI = "RANOResponseLib.cli"  # the clinical core's commands (predict, measure, review, report)
 _PERCENT = re.compile(r"^\[\s*(?P<pct>[0-9.]+)%\]\s*(?P<stage>.*)$")
+_TQDM = re.compile(r"^(?P<desc>[^|]*?):?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
 
 
 @dataclass
@@ -48,6 +51,10 @@ def parse_progress(line: str) -> ProgressEvent | None:
     m = _PERCENT.match(line)
     if m:
         return ProgressEvent(min(1.0, float(m["pct"]) / 100.0), m["stage"].strip())
+    m = _TQDM.match(line)
+    if m and int(m["total"]) > 0:
+        text = f"{m['desc'].strip()}: {m['n']} of {m['total']} done".lstrip(": ")
+        return ProgressEvent(min(1.0, int(m["n"]) / int(m["total"])), text)
     if line.startswith("{") and line.endswith("}"):
         try:
             data = json.loads(line)

@@ -4,9 +4,13 @@ Studies are volume nodes in a scene. They reach the core as study folders: the f
 were read from when every node still matches its file, otherwise the nodes are exported to a
 private work folder first. ``rano-response predict`` then runs in a child process
 (:class:`~RANOResponseLib.mrml.process.BackgroundRun`) and writes only what the scene needs
-(``--no-scene --no-pictures``: prediction.json, the maps and the transform), and its output folder
+(``--no-scene --no-pictures``: prediction.json, the maps, the transform and the tumour
+segmentations), and its output folder
 is loaded back into the scene with the same scene logic the CLI uses to write its ``.mrml``
 (``scene.load_outputs``).
+
+The Course section runs ``rano-response timeline`` the same way (:func:`start_timeline`), into the
+user's course folder, which is then loaded by :mod:`~RANOResponseLib.mrml.course_scene`.
 
 The work folder never outlives the job: cancel and failure remove it, and so does success once
 the outputs are in the scene. Loading reads every file at once (storage nodes' ``ReadData``;
@@ -21,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.imaging.io import find_modality_file
@@ -152,7 +156,47 @@ def detach_from_folder(scene, node, folder: Path) -> bool:
     return True
 
 
-def discard(job: PredictJob) -> None:
-    """Cancel a job (if still running) and remove its private folder."""
+def discard(job: PredictJob | TimelineJob) -> None:
+    """Cancel a job (if still running); a prediction's private folder is removed (a course folder
+    is the user's, and the child writes it atomically)."""
     job.run.cancel()
-    shutil.rmtree(job.workdir, ignore_errors=True)
+    if isinstance(job, PredictJob):
+        shutil.rmtree(job.workdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ the course
+
+
+@dataclass
+class TimelineJob:
+    """A running ``rano-response timeline``: the child process and the folder it writes."""
+
+    run: BackgroundRun
+    patient: Path
+    out: Path
+
+
+def start_timeline(patient: Path | str, out: Path | str, device: str = "cpu", bundle: Path | None = None,
+                   python: str | None = None, options: Sequence[str] = ()) -> TimelineJob:
+    """Start ``rano-response timeline`` on a patient (folder or course CSV) into ``out`` in a child
+    process; returns at once. ``out`` is the user's course folder, kept: it caches every
+    timepoint, so running again after a new scan costs only that scan (the child writes it
+    atomically, so a cancelled run leaves the previous course as it was). ``options``: more
+    ``timeline`` options (e.g. ``--segmentation cohort`` for a research cohort's own masks)."""
+    patient, out = Path(patient), Path(out)
+    if not patient.exists():
+        raise RANOInputError(f"{patient}: patient folder or course CSV not found")
+    args = ["timeline", "--patient", str(patient), "--out", str(out), "--device", device]
+    if bundle:
+        args += ["--bundle", str(bundle)]
+    args += list(options)
+    return TimelineJob(BackgroundRun(core_command(python, *args)), patient, out)
+
+
+def finish_timeline(job: TimelineJob) -> Path:
+    """Wait for a timeline job; returns its output folder. Raises :class:`RANOInputError` with the
+    child's own message when it failed."""
+    if job.run.wait() != 0:
+        raise RANOInputError(f"timeline failed: {job.run.error_message()}")
+    return job.out
+

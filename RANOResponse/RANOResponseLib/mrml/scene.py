@@ -686,6 +686,7 @@ class SceneNodes:
     gradcam: str | None = None
     summary: dict = field(default_factory=dict)
     brain: str | None = None  # the baseline brain mask's segmentation node
+    segmentations: dict[str, str] = field(default_factory=dict)  # timepoint -> tumour segmentation node
 
     @property
     def maps(self) -> dict[str, str]:
@@ -721,12 +722,19 @@ def assemble(
     roi=None,
     opacity: float = 0.4,
     brain_mask: sitk.Image | Path | str | None = None,
+    segmentations: Mapping[str, sitk.Image | Path | str] | None = None,
+    measured: Any = None,
 ) -> SceneNodes:
     """Put one prediction into ``scene`` over its study volume nodes: the registration as a
     transform node the follow-up volumes observe, the crop ROI (``summary['model_grid']``; an
     existing ``roi`` is kept), the maps with heat colours, the baseline ``brain_mask`` as a
     segmentation, the results table, and every slice view showing Grad-CAM over the baseline
     reference volume through the Grad-CAM peak.
+
+    ``segmentations`` (timepoint -> tumour label map, on that study's reference grid) become
+    segmentation nodes over their study, the follow-up's under the transform; ``measured`` (the
+    :class:`~RANOResponseLib.rano.measurement.PairMeasurement` of those label maps) adds the two
+    diameters of each measurable lesion as line markups the reader can move.
 
     Re-running the same case (same follow-up node) updates its earlier output nodes.
     """
@@ -765,6 +773,19 @@ def assemble(
                              node=_previous(scene, case, "roi")), "roi")
     table = tagged(add_results_table(scene, summary, "RANO results", node=_previous(scene, case, "table")),
                    "table")
+    tumour = {}
+    if segmentations or measured is not None:
+        from RANOResponseLib.mrml.measurement_scene import add_pair_lines
+        from RANOResponseLib.mrml.tumour_scene import NODE_NAMES, SEGMENTATION_ROLES, add_tumour_segmentation
+
+        for tp, labels in (segmentations or {}).items():
+            role = SEGMENTATION_ROLES[tp]
+            node = add_tumour_segmentation(scene, labels, NODE_NAMES[tp], node=_previous(scene, case, role),
+                                           reference=reference_node(base if tp == "baseline" else fu),
+                                           transform_node_id=tnode.GetID() if tp == "followup" else None)
+            tumour[tp] = tagged(node, role).GetID()
+        if measured is not None:
+            add_pair_lines(scene, measured, tnode.GetID(), measurable_only=True)
 
     created = ensure_slice_views(scene)
     shown = scene.GetNodeByID(map_ids.get("gradcam") or map_ids.get("saliency") or "")
@@ -779,7 +800,7 @@ def assemble(
                       followup={m: n.GetID() for m, n in fu.items()},
                       transform=tnode.GetID(), table=table.GetID(), roi=_id(roi),
                       saliency=map_ids.get("saliency"), gradcam=map_ids.get("gradcam"), summary=dict(summary),
-                      brain=_id(brain))
+                      brain=_id(brain), segmentations=tumour)
 
 
 def populate_scene(scene, result, baseline_nodes: Mapping[str, Any] | None = None,
@@ -791,7 +812,8 @@ def populate_scene(scene, result, baseline_nodes: Mapping[str, Any] | None = Non
     ``files``: files already written for ``"transform"``, ``"gradcam"``, ``"saliency"``, so a
     saved scene refers to them instead of writing copies (so do study volumes read from a file as
     they are; sequences resampled onto the reference grid are new images). The baseline brain
-    mask becomes a segmentation node."""
+    mask becomes a segmentation node, and so do both tumour segmentations, with the measured
+    lesions' diameters as lines."""
     files = dict(files or {})
 
     def volumes(timepoint: str, label: str) -> dict[str, Any]:
@@ -804,8 +826,10 @@ def populate_scene(scene, result, baseline_nodes: Mapping[str, Any] | None = Non
     base = _present(baseline_nodes) or volumes("baseline", "baseline")
     fu = _present(followup_nodes) or volumes("followup", "follow-up")
     brain = result.brains["baseline"].image if "baseline" in result.brains else None
+    segmentations = {tp: s.image for tp, s in result.segmentations.items()}
     return assemble(scene, result.summary(), base, fu, result.registration.transform, result.maps,
-                    files=files, roi=roi, brain_mask=brain)
+                    files=files, roi=roi, brain_mask=brain, segmentations=segmentations,
+                    measured=result.pair_measurement)
 
 
 def _display_copy(image: sitk.Image) -> sitk.Image:
@@ -824,7 +848,9 @@ def _display_copy(image: sitk.Image) -> sitk.Image:
 def load_outputs(scene, out_dir: Path | str, baseline_nodes: Mapping[str, Any] | None = None,
                  followup_nodes: Mapping[str, Any] | None = None, roi=None) -> SceneNodes:
     """Put a ``rano-response predict`` output folder (prediction.json, maps, transform, brain
-    mask) into ``scene`` — what the Slicer module does after running ``predict`` in a child process.
+    mask, tumour segmentations and their measurement) into ``scene`` — what the Slicer module does
+    after running ``predict`` in a child process. The segmentations are read into memory (the
+    nodes keep no link to the folder's files).
 
     Without nodes, the studies are loaded from the inputs named in prediction.json: files as
     they are, DICOM series (``inputs.studies.<timepoint>.sequences``) by their series UID. Each
@@ -856,7 +882,12 @@ def load_outputs(scene, out_dir: Path | str, baseline_nodes: Mapping[str, Any] |
     transform = out / outputs.get("transform", "followup_to_baseline.tfm")
     maps = {k: out / outputs[k] for k in MAP_KINDS if k in outputs}
     brain = out / outputs["brain_mask"] if "brain_mask" in outputs else None
-    return assemble(scene, summary, base, fu, transform, maps, roi=roi, brain_mask=brain)
+    from RANOResponseLib.mrml.tumour_scene import SEGMENTATION_ROLES, measured_pair
+
+    segmentations = {tp: sitk.ReadImage(str(out / outputs[key])) for tp, key in SEGMENTATION_ROLES.items()
+                     if key in outputs}
+    return assemble(scene, summary, base, fu, transform, maps, roi=roi, brain_mask=brain,
+                    segmentations=segmentations, measured=measured_pair(summary))
 
 
 # ------------------------------------------------------------------------------ scene files

@@ -117,6 +117,7 @@ _SOURCES: dict[str, tuple[str, tuple[str, ...], LabelScheme, str]] = {
     "deepbratumia-atlas": ("DeepBraTumIA-segmentation/atlas/segmentation", ("seg_mask",), DEEPBRATUMIA, "atlas"),
 }
 SOURCES: tuple[str, ...] = tuple(_SOURCES)
+AUTOMATIC = "automatic"  # predict's own segmentations (segmentation_*.nii.gz in its output folder)
 
 
 # ------------------------------------------------------------------------------ results
@@ -718,22 +719,52 @@ def _timepoint_of(seg_path: Path) -> Path:
 
 def measure_prediction(outdir: Path | str, source: str = "auto", criteria: MeasurableCriteria | None = None,
                        margin_mm: float = 2.0) -> PairMeasurement:
-    """Measure the case of a ``rano-response predict`` output folder: the studies named in its
-    ``prediction.json`` and its ``followup_to_baseline.tfm``."""
+    """Measure the case of a ``rano-response predict`` output folder, matched through its
+    ``followup_to_baseline.tfm``.
+
+    A manual mask next to the studies named in its ``prediction.json`` comes first (``source``:
+    ``auto`` or one of :data:`SOURCES`); without one (``auto``), or with ``source="automatic"``,
+    predict's own ``segmentation_baseline.nii.gz`` / ``segmentation_followup.nii.gz``. DICOM
+    studies (series folders) are found as their study folders.
+    """
     # imported here: the pipeline imports torch, which measuring does not otherwise need
-    from RANOResponseLib.core.outputs import PREDICTION_JSON, TRANSFORM_FILE, read_prediction
+    from RANOResponseLib.core.outputs import (
+        PREDICTION_JSON,
+        SEGMENTATION_FILES,
+        TRANSFORM_FILE,
+        prediction_studies,
+        read_prediction,
+    )
 
     outdir = Path(outdir)
     pred = read_prediction(outdir)
-    try:
-        base = Path(next(iter(pred["inputs"]["baseline"].values()))).parent
-        fu = Path(next(iter(pred["inputs"]["followup"].values()))).parent
-    except (KeyError, StopIteration, TypeError, AttributeError):
-        raise RANOInputError(f"{outdir / PREDICTION_JSON}: no 'inputs' naming the two studies") from None
-    fb, _ = find_pair_segmentations(base, fu, source)
+    outdir = outdir if outdir.is_dir() else outdir.parent
     tfm = outdir / TRANSFORM_FILE
-    transform = tfm if (fb.space == "native" and tfm.is_file()) else None  # it relates the native images
-    return measure_timepoints(base, fu, transform, fb.source, criteria, margin_mm)
+    automatic = [outdir / SEGMENTATION_FILES[tp] for tp in ("baseline", "followup")]
+    if source != AUTOMATIC:
+        studies = prediction_studies(pred)
+        if len(studies) < 2:
+            raise RANOInputError(f"{outdir / PREDICTION_JSON}: no 'inputs' naming the two studies")
+        base, fu = studies["baseline"], studies["followup"]
+        try:
+            fb, _ = find_pair_segmentations(base, fu, source)
+        except RANOInputError as e:
+            if source != "auto":
+                raise
+            missing = [p.name for p in automatic if not p.is_file()]
+            if missing:
+                raise RANOInputError(f"{e}; nor are predict's own segmentations in {outdir} "
+                                     f"({', '.join(missing)} missing: predict ran with --no-segmentation?)") from None
+        else:
+            transform = tfm if (fb.space == "native" and tfm.is_file()) else None  # it relates the native images
+            return measure_timepoints(base, fu, transform, fb.source, criteria, margin_mm)
+    for p in automatic:
+        if not p.is_file():
+            raise RANOInputError(f"{p}: not found (predict ran with --no-segmentation, or before segmentation existed)")
+    if not tfm.is_file():
+        raise RANOInputError(f"{tfm}: not found (the registration that relates the two segmentations)")
+    return measure_pair(automatic[0], automatic[1], tfm, criteria=criteria, margin_mm=margin_mm,
+                        transform_note=f"predict's registration ({tfm})")
 
 
 def with_diameters(m: TimepointMeasurement, diameters: dict[int, tuple[float, float]],

@@ -20,8 +20,9 @@ The table, first matching row wins:
 5. sum down by at least the response threshold (-50 % SPD, -65 % volume): PR;
 6. otherwise SD.
 
-The comparison is against the pair's baseline (the previous scan), not the nadir. What images
-cannot tell (T2/FLAIR progression, steroids, clinical status, the confirmation scan that CR and
+The comparison is against the pair's baseline (the previous scan), not the nadir; the course of a
+patient (progression against the nadir, response against the baseline, confirmation) is read with
+this same table by :mod:`RANOResponseLib.rano.course`. What images cannot tell (T2/FLAIR progression, steroids, clinical status, the confirmation scan that CR and
 PR require) is listed, never guessed.
 """
 

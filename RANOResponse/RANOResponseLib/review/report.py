@@ -2,8 +2,10 @@
 
 Built from a ``rano-response predict`` output folder (``prediction.json``, ``gradcam.nii.gz``,
 ``followup_to_baseline.tfm``), the lesion measurements (``rano-response measure``'s
-``measurements.json``, or measured here from the segmentations next to the studies), the
-reviewers' verdicts (a review database) and the bundle's model card.
+``measurements.json``, or measured here: a manual mask next to the studies first, else predict's
+own automatic segmentation; the report says which, :func:`measurement_source`), the reviewers'
+verdicts (a review database) and the bundle's model card. The study folders are the ones the
+prediction's inputs description names (a DICOM series is recorded as its study folder).
 
 Page 1: both timepoints at the same axial level (the follow-up registered onto the baseline),
 lesion outlines and RANO diameters on CT1, Grad-CAM iso-contours on FLAIR, the class
@@ -30,7 +32,7 @@ import SimpleITK as sitk
 
 from RANOResponseLib import __version__
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.core.outputs import TRANSFORM_FILE, read_prediction
+from RANOResponseLib.core.outputs import SEGMENTATION_FILES, TRANSFORM_FILE, prediction_studies, read_prediction
 from RANOResponseLib.rano.measurement import PairMeasurement
 
 A4 = (8.27, 11.69)
@@ -52,6 +54,7 @@ class ReportInputs:
     model_card: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
     case_id: str = ""
+    measured_from: str = ""  # "automatic segmentation, bundle ..." or "manual mask (...)": see measurement_source
 
 
 # ------------------------------------------------------------------------------ gathering
@@ -109,12 +112,35 @@ def model_card_summary(bundle_dir: Path | str, max_items: int = 9) -> list[str]:
 
 
 def _case_paths(prediction: dict) -> tuple[Path | None, Path | None]:
-    try:
-        b = Path(next(iter(prediction["inputs"]["baseline"].values()))).parent
-        f = Path(next(iter(prediction["inputs"]["followup"].values()))).parent
-        return b, f
-    except (KeyError, StopIteration, TypeError, AttributeError):
-        return None, None
+    folders = prediction_studies(prediction)
+    return folders.get("baseline"), folders.get("followup")
+
+
+def input_image(prediction: dict, timepoint: str, modality: str) -> sitk.Image:
+    """One input image of a prediction as predict read it: its file, or its DICOM series (by UID)."""
+    from RANOResponseLib.imaging.io import read_image
+    from RANOResponseLib.imaging.studies import load_study
+
+    inputs = prediction["inputs"]
+    source = (inputs.get("studies", {}).get(timepoint, {}).get("sequences", {}).get(modality, {})
+              .get("source", {}))
+    if source.get("kind") == "dicom":
+        return load_study(source["path"], [modality], series={modality: source["series_uid"]}).images[modality]
+    return read_image(inputs[timepoint][modality])
+
+
+def measurement_source(pair: PairMeasurement | None, prediction: dict | None = None) -> str:
+    """What a measurement was made from, as the panel and the report say it: ``automatic
+    segmentation, bundle <id>`` when it measured predict's own segmentations, else ``manual mask
+    (<scheme>: <file>)``; '' without a measurement."""
+    if pair is None:
+        return ""
+    prediction = prediction or {}
+    name = Path(pair.baseline.source).name
+    if name in SEGMENTATION_FILES.values():
+        bundle = ((prediction.get("measured") or {}).get("segmentation_bundle") or {}).get("id", "?")
+        return f"automatic segmentation, bundle {bundle}"
+    return f"manual mask ({pair.baseline.scheme}: {name or 'not a file'})"
 
 
 def gather(
@@ -140,6 +166,7 @@ def gather(
             inputs.pair = measure_prediction(inputs.prediction_dir, source)
         except RANOInputError as e:
             inputs.notes.append(f"No lesion measurements: {e}")
+    inputs.measured_from = measurement_source(inputs.pair, pred)
     if inputs.pair is not None and inputs.rule is None:
         inputs.rule = decide(inputs.pair, criteria=criteria)
     if inputs.rule is not None:
@@ -201,7 +228,7 @@ def _load_images(inputs: ReportInputs) -> dict[str, Any]:
     base_files = pred["inputs"]["baseline"]
     fu_files = pred["inputs"]["followup"]
     ref_mod = reference_modality(base_files)
-    reference = read_image(base_files[ref_mod])
+    reference = input_image(pred, "baseline", ref_mod)
     tfm = inputs.prediction_dir / TRANSFORM_FILE
     transform = load_transform(tfm) if tfm.is_file() else None
     if transform is None:
@@ -211,9 +238,9 @@ def _load_images(inputs: ReportInputs) -> dict[str, Any]:
         m = mod if mod in base_files and mod in fu_files else None
         if m is None:
             continue
-        b = read_image(base_files[m])
-        shown[f"{m}:baseline"] = b if m == ref_mod else resample(b, reference)
-        shown[f"{m}:followup"] = resample(read_image(fu_files[m]), reference, transform)
+        b = reference if m == ref_mod else resample(input_image(pred, "baseline", m), reference)
+        shown[f"{m}:baseline"] = b
+        shown[f"{m}:followup"] = resample(input_image(pred, "followup", m), reference, transform)
     cam_file = inputs.prediction_dir / "gradcam.nii.gz"
     cam = read_image(cam_file) if cam_file.is_file() else None
     if cam is None:
@@ -221,8 +248,11 @@ def _load_images(inputs: ReportInputs) -> dict[str, Any]:
     return {"reference": reference, "shown": shown, "cam": cam, "transform": transform, "ref_mod": ref_mod}
 
 
-def _lesion_masks(pair: PairMeasurement, reference: sitk.Image, transform: sitk.Transform | None) -> dict[str, sitk.Image]:
-    """Lesion id maps of both timepoints on the reference grid (native segmentations only)."""
+def _lesion_masks(inputs: ReportInputs, reference: sitk.Image,
+                  transform: sitk.Transform | None) -> dict[str, sitk.Image]:
+    """Lesion id maps of both timepoints on the reference grid (native segmentations only). A
+    measurement of predict's own segmentations finds them in the prediction folder (it may have
+    been written where they were, e.g. a Slicer work folder that is gone)."""
     from RANOResponseLib.rano.measurement import (
         DEEPBRATUMIA,
         HD_GLIO,
@@ -231,11 +261,15 @@ def _lesion_masks(pair: PairMeasurement, reference: sitk.Image, transform: sitk.
     )
 
     out = {}
+    pair = inputs.pair
     for tp, m in (("baseline", pair.baseline), ("followup", pair.followup)):
         lesion_map = m.lesion_map
-        if lesion_map is None and m.source and Path(m.source).is_file():
+        path = Path(m.source) if m.source else None
+        if path is not None and not path.is_file() and path.name in SEGMENTATION_FILES.values():
+            path = inputs.prediction_dir / path.name
+        if lesion_map is None and path is not None and path.is_file():
             scheme = HD_GLIO if m.scheme == HD_GLIO.name else DEEPBRATUMIA
-            lesion_map = measure_segmentation(read_segmentation(m.source), scheme, m.criteria).lesion_map
+            lesion_map = measure_segmentation(read_segmentation(path), scheme, m.criteria).lesion_map
         if lesion_map is None:
             continue
         t = transform if (tp == "followup" and transform is not None) else sitk.Transform()
@@ -265,7 +299,7 @@ def _page_images(fig: Any, inputs: ReportInputs, box: tuple[float, float, float,
         inputs.notes.append(f"Segmentations are in {pair.baseline.space} space: outlines and diameters are not "
                             "drawn on the native images (see the table).")
     if drawable:
-        masks = _lesion_masks(pair, reference, transform)
+        masks = _lesion_masks(inputs, reference, transform)
 
     # Each timepoint is shown at the level where its largest lesion was measured (so its diameters
     # lie on the slice); without lesions at the level of the Grad-CAM peak, else the middle.
@@ -434,14 +468,15 @@ def _probabilities(fig: Any, inputs: ReportInputs, box: tuple[float, float, floa
 
 def _result_box(fig: Any, inputs: ReportInputs, x: float, y: float) -> None:
     pred = inputs.prediction
-    lines = [f"Model ({(pred.get('bundle') or {}).get('id', '?')}):  {pred['label']}"]
+    lines = [f"Network ({(pred.get('bundle') or {}).get('id', '?')}):  {pred['label']}"]
     if inputs.rule is not None:
-        lines.append(f"Rules ({inputs.rule.criteria}):  {inputs.rule.category}"
-                     + (f"   [2D {inputs.rule.bidimensional}, volumetric {inputs.rule.volumetric}]"))
+        lines.append(f"Measured:  RANO {inputs.rule.bidimensional},  RANO 2.0 {inputs.rule.volumetric}")
+        lines.append(f"   from {inputs.measured_from}")
     else:
-        lines.append("Rules:  not available (no segmentation)")
+        lines.append("Measured:  not available (no segmentation)")
     if inputs.comparison is not None:
-        lines.append("AGREE" if inputs.comparison.agree else "DISAGREE - see page 2")
+        lines.append(f"Network and measured {inputs.rule.criteria}:  "
+                     + ("AGREE" if inputs.comparison.agree else "DISAGREE - see page 2"))
     for v in inputs.verdicts:
         how = "agrees with model" if v.agree else ("overrides model" if v.agree is not None else "no model shown")
         lines.append(f"Reviewer {v.reviewer}:  {v.label}  ({how}, confidence {v.confidence}/5)")
@@ -519,7 +554,7 @@ def render_report(inputs: ReportInputs, out: Path | str, png_prefix: Path | str 
             f"Enhancing volume (measurable): baseline {p.baseline.measurable_volume_ml:.2f} mL, follow-up "
             f"{p.followup.measurable_volume_ml:.2f} mL"
             + (f" ({inputs.rule.volume_change_percent:+.1f} %)" if inputs.rule and inputs.rule.volume_change_percent is not None else ""),
-            f"Segmentation: {p.baseline.scheme} ({p.baseline.space} space); follow-up related by {p.transform}.",
+            f"Measured from {inputs.measured_from} ({p.baseline.space} space); follow-up related by {p.transform}.",
         ]))
     if inputs.rule is not None:
         blocks.append((f"Rule-based category: {inputs.rule.category}  ({inputs.rule.criteria})",

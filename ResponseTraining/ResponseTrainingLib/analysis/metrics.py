@@ -65,3 +65,24 @@ def summarise(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
     if per_fold:
         out["confusion_matrix"] = np.sum([m["confusion_matrix"] for m in per_fold], axis=0).tolist()
     return out
+
+
+def bootstrap_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
+                                n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the balanced accuracy. With ``groups`` (patients) whole
+    groups are resampled, since one patient's pairs are not independent; NaN without data."""
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    if len(y_true) == 0:
+        return float("nan"), float("nan")
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    ids, members = np.unique(groups, return_inverse=True)
+    rows = [np.flatnonzero(members == i) for i in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    stats = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample may lack a class
+        for _ in range(n):
+            idx = np.concatenate([rows[i] for i in rng.integers(0, len(ids), len(ids))])
+            stats.append(balanced_accuracy_score(y_true[idx], y_pred[idx]))
+    lo, hi = np.percentile(stats, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return float(lo), float(hi)

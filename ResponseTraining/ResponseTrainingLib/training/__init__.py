@@ -8,6 +8,10 @@
 - :mod:`.card`   provenance without machine paths, the CV table and the bundle's model card
 - :mod:`.cv`     a whole run: pairs, folds, preprocessing, the fold loop, hybrids, aggregation,
                  the fold-ensemble bundle
+- :mod:`.segmentation`    ``train-seg``: architectures, augmentation, one fold's training and resume
+- :mod:`.segmentation_cv` a whole ``train-seg`` run (folds, native-resolution test Dice, the
+                          segmentation bundle and its card), the architecture comparison, the CLI
+- :mod:`.experiment` the reference study's experiments: a named grid of CV runs, one table
 
 May import: RANOResponseLib, :mod:`ResponseTrainingLib.data`, :mod:`ResponseTrainingLib.analysis`.
 :mod:`.config` imports only the standard library and :mod:`RANOResponseLib.core` at load time

@@ -119,8 +119,36 @@ def cv_table(cv: dict[str, Any]) -> str:
     return head + "\n".join(lines)
 
 
-def model_card(cfg: TrainConfig, prov: dict[str, Any], cv: dict[str, Any]) -> str:
-    """``MODEL_CARD.md`` of the fold-ensemble bundle: what it is, how it was trained, how good it is."""
+def calibration_section(cal: dict[str, Any] | None) -> str:
+    """The card's calibration section: per-fold temperatures and test ECE, the pooled ECE and the
+    rule that flags a prediction "uncertain"."""
+    if not cal:
+        return ""
+    rows = "\n".join(f"| {f['fold']} | {f['temperature']:.3f} | {f['validation_pairs']} | "
+                     f"{fmt(f['ece_test_uncalibrated'])} | {fmt(f['ece_test_calibrated'])} |" for f in cal["per_fold"])
+    unc = cal["uncertain"]
+    spread = ("not used (too few validation pairs validated by two or more folds)" if unc["spread_above"] is None
+              else f"above {unc['spread_above']:.3f}")
+    pooled = cal["ece_test_pooled"]
+    return f"""
+## Calibration (temperature scaling per fold model, fitted on its validation patients)
+
+| fold | temperature | validation pairs | test ECE before | test ECE after |
+|---|---|---|---|---|
+{rows}
+
+Pooled test folds: ECE {fmt(pooled['uncalibrated'])} before, {fmt(pooled['calibrated'])} after (15 bins).
+predict reports the calibrated ensemble and flags a prediction "uncertain" when its top probability
+is below {unc['top_probability_below']:.3f} or the members' spread of the top class is {spread}
+(thresholds chosen on {unc['validation_pairs']} validation predictions for a target accuracy of
+{unc['target_accuracy']:.2f}).
+"""
+
+
+def model_card(cfg: TrainConfig, prov: dict[str, Any], cv: dict[str, Any],
+               calibration: dict[str, Any] | None = None) -> str:
+    """``MODEL_CARD.md`` of the fold-ensemble bundle: what it is, how it was trained, how good it
+    is, and (when given) how its probabilities were calibrated."""
     cm = cv["cnn"]["pooled"]["confusion_matrix"]
     cm_rows = "\n".join("| " + " | ".join([CLASS_NAMES[i]] + [str(v) for v in row]) + " |" for i, row in enumerate(cm))
     arch = (f"`timm25d` 2.5D ({cfg.slices} axial slices, {cfg.slice_step} voxels apart, timm `{cfg.backbone}`)"
@@ -162,11 +190,22 @@ Confusion matrix of the CNN, pooled test folds (rows true, columns predicted):
 | true | {' | '.join(CLASS_NAMES)} |
 |---|{'---|' * len(CLASS_NAMES)}
 {cm_rows}
-
+{calibration_section(calibration)}{_suggestion_note(cv)}
 ## Limits
 Phantom lesions are simple; performance on real MRI is unknown. Labels come from the rating CSV
 (for phantoms: the measured change in the enhancing lesions' sum of bidimensional products
 against the previous scan).
+"""
+
+
+def _suggestion_note(cv: dict[str, Any]) -> str:
+    if "hybrid-suggested" not in cv:
+        return ""
+    return """
+`hybrid-suggested` is the suggested category predict reports next to the network's: a multinomial
+logistic regression on the calibrated probabilities and the measured RANO category. In training
+the measured category came from the cohort's own masks (`measured-cohort-masks` above); at predict
+time it comes from the automatic segmentation, so these figures are optimistic for it.
 """
 
 

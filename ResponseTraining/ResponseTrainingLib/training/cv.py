@@ -11,9 +11,13 @@ The plan of a run (``rano-response train``):
    all folds; the pairs' descriptions become the bundle's ``input_statistics`` (input guard).
 4. Train one network per fold (:mod:`.loop`); a run restarted with ``--resume`` skips finished
    folds and continues the current one from its last epoch.
-5. Deep hybrid classifiers on the fold models' probabilities plus clinical features
-   (:mod:`.hybrid`), inside the same folds.
-6. Metrics per fold and summarised (``metrics.csv``, ``summary.json``), PNG plots, and the k
+5. Calibration: each fold model's temperature and the "uncertain" thresholds, fitted on
+   validation patients (:mod:`ResponseTrainingLib.analysis.calibration`); ECE and reliability
+   diagrams on the test folds.
+6. Deep hybrid classifiers on the fold models' probabilities plus clinical features
+   (:mod:`.hybrid`), inside the same folds; ``suggested`` (calibrated probabilities + measured
+   RANO category) also fitted on all folds' validation pairs for the bundle.
+7. Metrics per fold and summarised (``metrics.csv``, ``summary.json``), PNG plots, and the k
    fold models exported as one ensemble bundle with its model card (:mod:`.card`).
 """
 
@@ -41,13 +45,21 @@ from RANOResponseLib.datasets.lumiere import (
 from RANOResponseLib.model.bundle import write_bundle
 from RANOResponseLib.model.networks import GRADCAM_LAYERS
 
+from ResponseTrainingLib.analysis.calibration import calibrate_folds, expected_calibration_error, proba_of
 from ResponseTrainingLib.analysis.metrics import SCALAR_METRICS, classification_metrics, summarise
 from ResponseTrainingLib.data.dataset import cache_pairs, cached_dataset, input_statistics
 from ResponseTrainingLib.data.labels import apply_review_labels
 from ResponseTrainingLib.training.card import fmt, json_default, model_card, provenance
 from ResponseTrainingLib.training.config import TrainConfig
 from ResponseTrainingLib.training.folds import FoldPlan, folds_table, make_folds
-from ResponseTrainingLib.training.hybrid import fit_predict
+from ResponseTrainingLib.training.hybrid import (
+    fit_model,
+    fit_predict,
+    measured_from_cohort_masks,
+    suggestion_feature_names,
+    suggestion_features,
+    suggestion_json,
+)
 from ResponseTrainingLib.training.loop import (
     DistContext,
     FoldData,
@@ -97,7 +109,7 @@ def _run(cfg: TrainConfig, dctx: DistContext, device: torch.device) -> dict[str,
         raise RANOInputError(f"{cfg.data}: only {len(pairs)} usable pairs from {n_patients} patients; "
                              "need at least 4 pairs from 3 patients")
     clinical = None
-    if cfg.clinical or cfg.hybrid:
+    if cfg.clinical or set(cfg.hybrid) - {"suggested"}:  # the suggestion uses clinical data only with --clinical
         clinical = clinical_features(pairs, read_clinical(cfg.data))
         if dctx.main:
             write_text(clinical.rename_axis("pair").to_csv(), out / "clinical.csv")
@@ -168,18 +180,31 @@ def _proba(df: pd.DataFrame) -> np.ndarray:
     return df[[f"p_{c}" for c in CLASS_NAMES]].to_numpy(dtype=float)
 
 
-def run_hybrid(cfg: TrainConfig, out: Path, n_folds: int, clinical: pd.DataFrame) -> dict[str, Any]:
+def _hybrid_inputs(name: str, pred: pd.DataFrame, clinical: pd.DataFrame | None,
+                   measured: dict[str, str | None] | None, use_clinical: bool) -> np.ndarray:
+    """Classifier ``name``'s features for the rows of a fold's predictions: CNN probabilities +
+    clinical features; for ``suggested`` (``pred`` calibrated) + the measured category."""
+    feats = (clinical.loc[pred["pair"], list(CLINICAL_FEATURES)].to_numpy(dtype=float)
+             if clinical is not None else None)
+    if name == "suggested":
+        return suggestion_features(_proba(pred), [(measured or {}).get(p) for p in pred["pair"]],
+                                   feats if use_clinical else None)
+    return np.hstack([_proba(pred), feats])
+
+
+def run_hybrid(cfg: TrainConfig, out: Path, n_folds: int, clinical: pd.DataFrame | None,
+               calibrated: dict[int, pd.DataFrame], measured: dict[str, str | None] | None) -> dict[str, Any]:
     """Per fold and classifier: fit on the fold's validation (or training + validation) pairs'
-    CNN probabilities + clinical features, score the test fold. Returns per-fold metrics and
-    pooled test predictions per classifier."""
+    CNN probabilities + clinical features (``suggested``: calibrated probabilities + measured
+    category [+ clinical features with ``--clinical``]), score the test fold. Returns per-fold
+    metrics and pooled test predictions per classifier."""
     results: dict[str, dict[str, Any]] = {}
     fit_roles = ("val",) if cfg.hybrid_fit == "val" else ("train", "val")
     for name in cfg.hybrid:
         per_fold, pooled = [], []
         for k in range(n_folds):
-            pred = _fold_predictions(out, k)
-            feats = clinical.loc[pred["pair"], list(CLINICAL_FEATURES)].to_numpy(dtype=float)
-            x = np.hstack([_proba(pred), feats])
+            pred = calibrated[k] if name == "suggested" else _fold_predictions(out, k)
+            x = _hybrid_inputs(name, pred, clinical, measured, cfg.clinical)
             fit = pred["role"].isin(fit_roles).to_numpy()
             test = (pred["role"] == "test").to_numpy()
             y = pred["label"].to_numpy(dtype=int)
@@ -195,6 +220,71 @@ def run_hybrid(cfg: TrainConfig, out: Path, n_folds: int, clinical: pd.DataFrame
                                         **{f"p_{c}": p[:, i] for i, c in enumerate(CLASS_NAMES)}}))
         results[f"hybrid-{name}"] = {"per_fold": per_fold, "pooled": pd.concat(pooled, ignore_index=True)}
     return results
+
+
+def _calibrate(out: Path, n_folds: int, plots: Path) -> dict[str, Any]:
+    """Temperatures and "uncertain" thresholds from the folds' validation pairs
+    (:func:`~ResponseTrainingLib.analysis.calibration.calibrate_folds`); ``calibration.csv``, the
+    calibrated test predictions and the reliability diagrams (pooled and per fold)."""
+    from ResponseTrainingLib.analysis.plots import plot_reliability
+
+    cal = calibrate_folds({k: _fold_predictions(out, k) for k in range(n_folds)})
+    write_text(pd.DataFrame(cal["per_fold"]).to_csv(index=False), out / "calibration.csv")
+    test = pd.concat([df[df["role"] == "test"].assign(fold=k) for k, df in cal["calibrated"].items()],
+                     ignore_index=True)
+    write_text(test.to_csv(index=False), out / "test_predictions_calibrated.csv")
+    y = test["label"].to_numpy(dtype=int)
+    raw, calibrated = proba_of(test, prefix="raw_p_"), proba_of(test)
+    cal["ece_test_pooled"] = {"uncalibrated": expected_calibration_error(y, raw),
+                              "calibrated": expected_calibration_error(y, calibrated)}
+    plot_reliability({"pooled test folds": (y, {"network": raw, "calibrated": calibrated})},
+                     plots / "reliability_cnn.png")
+    panels = {}
+    for k, df in cal["calibrated"].items():
+        t = df[df["role"] == "test"]
+        panels[f"fold {k} test (T={cal['temperatures'][k]:.2f})"] = (
+            t["label"].to_numpy(dtype=int), {"network": proba_of(t, prefix="raw_p_"), "calibrated": proba_of(t)})
+    plot_reliability(panels, plots / "reliability_folds.png")
+    return cal
+
+
+def _measured_model(calibrated: dict[int, pd.DataFrame], measured: dict[str, str | None]) -> dict[str, Any]:
+    """The measured category (cohort masks) scored like a model on each test fold: one-hot
+    "probabilities"; pairs without a measured category are left out."""
+    per_fold, pooled = [], []
+    for k, df in calibrated.items():
+        t = df[(df["role"] == "test") & df["pair"].map(lambda p: measured.get(p) in CLASS_NAMES)]
+        onehot = np.array([[1.0 if measured[p] == c else 0.0 for c in CLASS_NAMES] for p in t["pair"]])
+        onehot = onehot.reshape(len(t), len(CLASS_NAMES))
+        m = classification_metrics(t["label"].to_numpy(dtype=int), onehot)
+        m["fold"] = k
+        per_fold.append(m)
+        pooled.append(pd.DataFrame({"pair": t["pair"].values, "fold": k, "label": t["label"].values,
+                                    **{f"p_{c}": onehot[:, i] for i, c in enumerate(CLASS_NAMES)}}))
+    return {"per_fold": per_fold, "pooled": pd.concat(pooled, ignore_index=True)}
+
+
+def _suggestion_model(cfg: TrainConfig, calibrated: dict[int, pd.DataFrame], measured: dict[str, str | None],
+                      clinical: pd.DataFrame | None, cv: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``suggested`` model for the bundle: fitted on every fold's validation pairs (each with
+    its own fold model's calibrated probabilities: what the ensemble gives for unseen patients)
+    and the measured category; None when those pairs hold fewer than two classes."""
+    val = pd.concat([df[df["role"] == "val"] for df in calibrated.values()], ignore_index=True)
+    x = _hybrid_inputs("suggested", val, clinical, measured, cfg.clinical)
+    try:
+        model = fit_model("suggested", x, val["label"].to_numpy(dtype=int), seed=cfg.seed)
+    except ValueError as e:
+        print(f"suggested category: not fitted for the bundle ({e})", file=sys.stderr, flush=True)
+        return None
+    figures = {}
+    if cv:  # how the same recipe scored on the test folds (one model per fold)
+        figures = {"folds": cv["folds"], "median_balanced_accuracy": cv["median"]["balanced_accuracy"],
+                   "mean_balanced_accuracy": cv["mean"]["balanced_accuracy"],
+                   "pooled_balanced_accuracy": cv["pooled"]["balanced_accuracy"]}
+    return suggestion_json(model, suggestion_feature_names(cfg.clinical), CLASS_NAMES,
+                           fitted_on=f"validation pairs of all folds ({len(val)} rows, each with its fold model's "
+                                     "calibrated probabilities); measured category from the cohort's own masks",
+                           cv=json.loads(json.dumps(figures, default=json_default)))
 
 
 def _metrics_rows(model: str, per_fold: list[dict[str, Any]], summ: dict[str, Any],
@@ -231,14 +321,19 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
     pooled_cnn_df = pd.concat(pooled_cnn, ignore_index=True)
     write_text(pooled_cnn_df.to_csv(index=False), out / "test_predictions.csv")
     models["cnn"] = {"per_fold": cnn_fold, "pooled": pooled_cnn_df}
-    if cfg.hybrid and clinical is not None:
-        models.update(run_hybrid(cfg, out, K, clinical))
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    calibration = _calibrate(out, K, plots)
+    measured = None
+    if "suggested" in cfg.hybrid:
+        measured = measured_from_cohort_masks(pairs, Path(cfg.cache) if cfg.cache else out / "cache")
+        models["measured-cohort-masks"] = _measured_model(calibration["calibrated"], measured)
+    if cfg.hybrid:
+        models.update(run_hybrid(cfg, out, K, clinical, calibration["calibrated"], measured))
         hyb = pd.concat([v["pooled"].assign(model=n) for n, v in models.items() if n != "cnn"], ignore_index=True)
         write_text(hyb.to_csv(index=False), out / "hybrid_predictions.csv")
 
     rows, cv = [], {}
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
     for name, res in models.items():
         pooled_df = res["pooled"].dropna(subset=[f"p_{c}" for c in CLASS_NAMES])
         pooled = classification_metrics(pooled_df["label"].to_numpy(dtype=int), _proba(pooled_df))
@@ -255,7 +350,15 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
     plot_learning_curves(histories, plots / "learning_curves.png")
 
     prov = provenance(cfg, plan, records, pairs, labels, device, dctx, seconds)
-    summary = {"cv": cv, "provenance": prov}
+    cal_block = {"method": "temperature", "temperatures": calibration["temperatures"],
+                 "uncertain": calibration["uncertain"], "per_fold": calibration["per_fold"],
+                 "ece_test_pooled": calibration["ece_test_pooled"],
+                 "fitted_on": "each fold model's validation patients"}
+    summary = {"cv": cv, "calibration": cal_block, "provenance": prov}
+    extra: dict[str, Any] = {"calibration": cal_block}
+    if "suggested" in cfg.hybrid:
+        summary["suggestion"] = extra["suggestion"] = _suggestion_model(cfg, calibration["calibrated"], measured,
+                                                                        clinical, cv.get("hybrid-suggested"))
     write_text(json.dumps(summary, indent=2, default=json_default) + "\n", out / "summary.json")
 
     spec = cfg.spec()
@@ -266,9 +369,10 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
     write_bundle(out / "bundle", bundle_id=cfg.bundle_id, architecture={"name": cfg.arch, "args": args},
                  spec=spec, state_dicts=states, gradcam_layer=GRADCAM_LAYERS[cfg.arch],
                  extra=json.loads(json.dumps({"training": prov,
-                                              "metrics": {"cv": short_cv, "holdout_test": cv["cnn"]["pooled"]}},
+                                              "metrics": {"cv": short_cv, "holdout_test": cv["cnn"]["pooled"]},
+                                              **{k: v for k, v in extra.items() if v is not None}},
                                              default=json_default)),
-                 model_card=model_card(cfg, prov, cv), input_statistics=statistics)
+                 model_card=model_card(cfg, prov, cv, cal_block), input_statistics=statistics)
     c = cv["cnn"]
     say_line = (f"CV ({plan.scheme}): balanced accuracy median {c['median']['balanced_accuracy']:.3f}, "
                 f"mean {c['mean']['balanced_accuracy']:.3f} ± {fmt(c['sd']['balanced_accuracy'])}; "
