@@ -55,6 +55,7 @@ class RANOResponseParameterNode:
     followupFLAIR: vtkMRMLScalarVolumeNode
     bundle: Path
     roi: vtkMRMLMarkupsROINode
+    segmentation: bool = True  # Apply also segments and measures the tumour (off: predict --no-segmentation)
     mapName: Annotated[str, Choice(list(MAP_CHOICES))] = "Grad-CAM"
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
     worklist: Path
@@ -349,50 +350,41 @@ class RANOResponseLogic(ScriptedLoadableModuleLogic, PanelLogic):
 
 
 class RANOResponseTest(ScriptedLoadableModuleTest):
-    """Runs the module logic in Slicer on the shipped sample case pair (nothing generated or downloaded)."""
+    """Runs the module logic in Slicer on the shipped sample case pair (nothing generated or downloaded); the
+    checks are RANOResponseLib.mrml.module_checks, which pytest also runs on slicer-core."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_sample_pair_end_to_end, self.test_cancel_leaves_scene_clean):
+        for test in (self.test_sample_pair_end_to_end, self.test_cancel_leaves_scene_clean, self.test_sample_course):
             self.setUp()
             test()
 
-    def _sample(self):
-        from RANOResponseLib.datasets.samples import sample_case
-
+    def _logic(self):
         self.assertTrue(RANOResponseLogic.ensurePackages(), "the runtime's Python packages are not usable")
-        sample = sample_case()
         logic = RANOResponseLogic()
-        p = logic.getParameterNode()
-        p.baselineFolder, p.followupFolder = sample.baseline, sample.followup
-        logic.load_studies(p)
-        return sample, logic, p
+        return logic, logic.getParameterNode()
 
     def test_sample_pair_end_to_end(self):
+        from RANOResponseLib.mrml.module_checks import check_sample_prediction
+
         self.delayDisplay("Predicting on the shipped sample pair")
-        sample, logic, p = self._sample()
-        job, _ = logic.start_prediction(p, "cpu")
-        summary = logic.finish_prediction(p, job)
-        self.assertAlmostEqual(sum(summary["probabilities"].values()), 1.0, places=4)
-        self.assertIn(summary["label"], summary["probabilities"])
-        self.assertEqual(p.followupCT1.GetTransformNodeID(), p.transform.GetID())
-        self.assertIsNotNone(p.gradcam)
-        self.assertGreater(p.table.GetNumberOfRows(), 0)
-        self.assertFalse(job.workdir.exists())
-        volumes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-        logic.load_studies(p)  # the same case again: the same nodes, nothing added
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), volumes)
+        check_sample_prediction(*self._logic())
         self.delayDisplay("Test passed")
 
     def test_cancel_leaves_scene_clean(self):
-        _, logic, p = self._sample()
-        before = slicer.mrmlScene.GetNumberOfNodes()
-        job, _ = logic.start_prediction(p, "cpu")
-        self.assertTrue(job.run.running)
-        logic.cancel(job)
-        self.assertFalse(job.run.running)
-        self.assertFalse(job.workdir.exists())
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        from RANOResponseLib.mrml.module_checks import check_cancel_leaves_scene_clean
+
+        check_cancel_leaves_scene_clean(*self._logic())
+        self.delayDisplay("Test passed")
+
+    def test_sample_course(self):
+        import tempfile
+
+        from RANOResponseLib.mrml.module_checks import check_sample_course
+
+        self.delayDisplay("The sample pair as a two-timepoint course")
+        with tempfile.TemporaryDirectory(prefix="RANOResponse-course-") as folder:
+            check_sample_course(*self._logic(), folder)
         self.delayDisplay("Test passed")

@@ -204,3 +204,51 @@ def test_no_segmentation(seg_cohort, tiny_bundle, tmp_path, capsys, monkeypatch)
     assert not list(out.glob("segmentation_*")) and "segmented" not in captured.err
     assert not any(k.startswith("segmentation") for k in summary["outputs"])
     assert "measured" not in captured.out
+
+
+# ------------------------------------------------------------------------------ the shipped model
+
+
+@pytest.fixture(scope="module")
+def shipped_runs(seg_cohort, tiny_bundle, tmp_path_factory, monkeypatch_module):
+    """predict with the shipped segmentation bundle (the default) on each rated follow-up pair."""
+    monkeypatch_module.delenv("RANO_RESPONSE_SEG_BUNDLE", raising=False)
+    out = {}
+    for week in FOLLOWUPS:
+        pair = seg_cohort.pair(week)
+        folder = tmp_path_factory.mktemp("shipped") / week
+        result, _ = run_predict(pair.baseline, pair.followup, folder, bundle=tiny_bundle, device="cpu",
+                                attributions=False)
+        out[week] = SimpleNamespace(pair=pair, out=folder, result=result,
+                                    truth=seg_cohort.truth.set_index("date").loc[week])
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_shipped_bundle_reads_and_is_small():
+    from RANOResponseLib.model.segmentation import DEFAULT_SEG_BUNDLE_ID, default_seg_bundle_path, read_seg_bundle
+
+    path = default_seg_bundle_path()
+    assert path.name == DEFAULT_SEG_BUNDLE_ID and path.parent.name == "Models"
+    b = read_seg_bundle(path)
+    assert b.kind == "rano" and b.labels == (0, 1, 2, 3) and b.label_names == LABEL_NAMES
+    assert sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) < 25 * 1024 * 1024
+    assert (path / "MODEL_CARD.md").is_file()
+
+
+@pytest.mark.parametrize("week", FOLLOWUPS)
+def test_shipped_model_measures_the_cohorts_rating(shipped_runs, week):
+    """The cohort's own masks and rating are the truth (the model never saw this cohort's seed)."""
+    r = shipped_runs[week]
+    assert r.result.measured["category"] == r.truth["rating_written"]
+    for tp, folder in (("baseline", r.pair.baseline), ("followup", r.pair.followup)):
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(r.out / f"segmentation_{tp}.nii.gz")))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / MASK)))
+        enhancing = 2 * ((labels == 1) & (mask == 1)).sum() / ((labels == 1).sum() + (mask == 1).sum())
+        assert enhancing > 0.8, (tp, enhancing)

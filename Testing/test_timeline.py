@@ -212,6 +212,18 @@ def test_outputs(runs):
     assert all((r["network"] is not None) == (r["role"] == "follow-up") for r in doc["timepoints"])
 
 
+def test_course_lines_for_a_pair(runs):
+    """What the case report or a pair's panel can say about a follow-up from the course."""
+    from RANOResponseLib.review.course_report import course_lines
+
+    doc = read_timeline(runs["Patient-001"])
+    last = doc["timepoints"][-1]
+    lines = course_lines(doc, last["timepoint"])
+    assert f"RANO {last['category']}" in lines[0] and f"at {last['nadir_timepoint']}" in lines[0]
+    assert lines[1] == last["reasoning"].split("\n")[0]
+    assert course_lines(doc, "week-999") == []
+
+
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_ino)
             for p in (folder / "timepoints").rglob("*") if p.is_file() and p.name != "measurement.json"

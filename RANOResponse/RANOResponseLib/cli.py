@@ -370,10 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how each study's brain is found: auto (skull-stripped images: their non-zero region; "
                          "others: HD-BET), model (always HD-BET), none (every non-zero voxel), a mask file name "
                          "inside each study folder, or two mask files BASE,FOLLOW (default auto)")
-    pr.add_argument("--seg-bundle", type=Path, default=None, metavar="S",
+    segmenting = pr.add_mutually_exclusive_group()
+    segmenting.add_argument("--seg-bundle", type=Path, default=None, metavar="S",
                     help="segmentation bundle: ours (bundle.json) or a MONAI bundle folder with a rano_labels.json "
                          "label mapping, or that JSON (default: the shipped one, or $RANO_RESPONSE_SEG_BUNDLE)")
-    pr.add_argument("--no-segmentation", action="store_true",
+    segmenting.add_argument("--no-segmentation", action="store_true",
                     help="do not segment the tumour nor measure RANO from it (prediction.json's measured: null)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_predict)

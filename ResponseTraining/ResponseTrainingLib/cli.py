@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "K processes")
     h = p.add_argument_group("deep hybrid learning")
     h.add_argument("--hybrid", default="", help=f"comma list of {','.join(CLASSIFIERS)} or 'all': classifiers on "
-                   "the fold model's probabilities + clinical features")
+                   "the fold model's probabilities + clinical features; 'suggested': the calibrated probabilities + "
+                   "the RANO category measured on the cohort's masks (+ clinical with --clinical), exported into the "
+                   "bundle as predict's suggested category")
     h.add_argument("--hybrid-fit", default=default("hybrid_fit"), choices=HYBRID_FIT,
                    help="fit them on the fold's validation pairs (default) or training + validation pairs")
     r = p.add_argument_group("running")

@@ -51,7 +51,7 @@ from RANOResponseLib.inference.measured import measure_automatic
 from RANOResponseLib.inference.segmentation import Segmentation, segment_study
 from RANOResponseLib.model.bundle import Bundle, load_models, read_bundle
 from RANOResponseLib.model.device import resolve_device
-from RANOResponseLib.model.segmentation import SegBundle, load_seg_models, read_seg_bundle
+from RANOResponseLib.model.segmentation import SegBundle, load_seg_models, preload_networks, read_seg_bundle
 from RANOResponseLib.rano.measurement import PairMeasurement
 
 Progress = Callable[[str, float], None]
@@ -219,6 +219,7 @@ def predict_pair(
     seg = None
     if segmentation:
         seg = seg_bundle if isinstance(seg_bundle, SegBundle) else read_seg_bundle(seg_bundle)
+        preload_networks()  # MONAI's import overlaps reading and registration
     dev = resolve_device(device, notice)
 
     t = time.perf_counter()
@@ -227,7 +228,6 @@ def predict_pair(
     fu = _as_study(followup, bundle, series, series_rules, seg)
     check_pair(base, fu, allow_different)
     models = _load_models_cached(bundle, dev)
-    seg_models = _load_seg_models_cached(seg, dev) if seg is not None else None
     timings["read"] = time.perf_counter() - t
     stage("read")
 
@@ -256,19 +256,19 @@ def predict_pair(
     result = PairResult(bundle, str(dev), inputs.baseline, inputs.followup, inputs.registration, prepared,  # type: ignore[arg-type]
                         pred, maps, timings, roi, inputs.brains, inputs.description, input_check)
     if seg is not None:
-        _segment_and_measure(result, seg, seg_models, dev)  # type: ignore[arg-type]
+        _segment_and_measure(result, seg, dev)
         stage("segmented")
         result.explanations = explain_result(result)  # energy inside tumour + edema, pointing game
     timings["total"] = time.perf_counter() - t_start
     return result
 
 
-def _segment_and_measure(result: PairResult, seg: SegBundle, models: Sequence[torch.nn.Module],
-                         device: torch.device) -> None:
+def _segment_and_measure(result: PairResult, seg: SegBundle, device: torch.device) -> None:
     """Segment both (aligned) studies inside their brains, measure and decide RANO from the labels
     (lesions matched through the registration) and set the result's ``segmentations``,
     ``pair_measurement`` and ``measured``."""
     t = time.perf_counter()
+    models = _load_seg_models_cached(seg, device)
     studies = {"baseline": result.baseline, "followup": result.followup}
     result.segmentations = {tp: segment_study(s, result.brains[tp].image, seg, device, models)
                             for tp, s in studies.items()}

@@ -228,7 +228,9 @@ class _CourseRun:
         if self._reuse(tp, "brain", [BRAIN_FILE, *extra]):
             tp.info.update({k: tp.old[k] for k in ("brain", "reference_image", "reference_modality") if k in tp.old})
         if self._reuse(tp, "segmentation", [SEGMENTATION_FILE, MEASUREMENT_FILE, LESION_MAP_FILE]):
+            t = time.perf_counter()
             tp.measurement = _read_measurement(tp.folder)
+            self._time("measure", t)
         else:
             loaded = self._load(i)
             t = time.perf_counter()
@@ -469,7 +471,9 @@ def run_timeline(
         run = _CourseRun(listing, choice.index, stage, old_root, segmenter, net_bundle, dev, brain_mask, margin_mm,
                          show_progress)
         run.run()
+        t = time.perf_counter()
         doc = _document(run, listing, choice, rt_end_weeks)
+        doc["timings_s"]["course"] = round(time.perf_counter() - t, 3)  # lesions followed, rules, volumes
         doc["skipped"] = skipped
         doc["outputs"] = {"csv": TIMELINE_CSV}
         write_text(_csv_rows(doc).to_csv(index=False), stage / TIMELINE_CSV)

@@ -14,6 +14,19 @@ Two kinds of folder are read by :func:`read_seg_bundle`:
   activation (``softmax``: output channel k is label ``labels[k]``; ``sigmoid``: thresholded
   channels mapped to labels, e.g. brats_mri_segmentation's TC/WT/ET: ET -> 1, TC minus ET -> 2,
   WT minus TC -> 3) and optionally the sha256 of ``model.pt``. Nothing is ever downloaded.
+  For the model zoo's ``brats_mri_segmentation`` (MSD Task01 channel order, 1 mm, RAS, z-scores
+  over the non-zero voxels unclipped, sigmoid TC/WT/ET)::
+
+      {"modalities": ["FLAIR", "T1", "CT1", "T2"], "spacing_mm": [1, 1, 1], "layout": "RAS",
+       "normalization": {"method": "zscore", "clip": null}, "activation": "sigmoid", "threshold": 0.5,
+       "channels": ["TC", "WT", "ET"],
+       "mapping": [{"label": 1, "channels": ["ET"]}, {"label": 2, "channels": ["TC"], "minus": ["ET"]},
+                   {"label": 3, "channels": ["WT"], "minus": ["TC"]}]}
+
+  Optional keys: ``id``, ``bundle`` (the MONAI folder, relative to the JSON), ``config``
+  (default ``configs/inference.json``), ``network_def`` (its key), ``model`` (default
+  ``models/model.pt``), ``sha256``, ``label_names``; softmax networks give ``labels`` instead of
+  ``channels``/``mapping`` (the label value of each output channel, 0 first).
 
 Output labels are always LUMIERE/DeepBraTumIA's: 1 enhancing, 2 necrotic / non-enhancing
 (including a resection cavity), 3 edema (:mod:`RANOResponseLib.core.names`).
@@ -22,8 +35,11 @@ Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha25
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -61,6 +77,15 @@ def _monai_net(name: str) -> Callable[..., Any]:
 
 
 SEG_ARCHITECTURES: dict[str, Callable[..., Any]] = {n: _monai_net(n) for n in ("SegResNet", "DynUNet", "UNet")}
+
+
+def preload_networks() -> None:
+    """Start importing MONAI (``import monai`` imports all of it: 5-10 s on 2 CPU cores) in a
+    background thread, unless it is imported already, so that predict overlaps it with reading
+    and registering the studies; building a network later waits for it (Python's import lock)."""
+    if "monai.networks.nets" not in sys.modules:
+        threading.Thread(target=importlib.import_module, args=("monai.networks.nets",), daemon=True,
+                         name="import-monai").start()
 
 
 @dataclass

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.mrml.panel_state import given
 
 if TYPE_CHECKING:
-    from RANOResponseLib.mrml.logic import PanelParameters
+    from RANOResponseLib.mrml.panel_state import PanelParameters
 
 
 class CoursePanel:
@@ -28,7 +29,6 @@ class CoursePanel:
         """Start ``rano-response timeline`` on the patient into the course folder in a child process;
         returns the job and the device notice ('' if none)."""
         from RANOResponseLib.model.device import choose_device
-        from RANOResponseLib.mrml.logic import given
         from RANOResponseLib.mrml.runner import start_timeline
 
         patient, folder = given(p.coursePatient), given(p.courseFolder)
@@ -50,7 +50,6 @@ class CoursePanel:
         """Load a timeline output folder (table, burden plots, the baseline in its view); returns the
         table node. An earlier course is replaced."""
         from RANOResponseLib.mrml.course_scene import load_course
-        from RANOResponseLib.mrml.logic import given
 
         if given(folder) is None:
             raise RANOInputError("choose a course folder (the output of `rano-response timeline`, or Run timeline)")

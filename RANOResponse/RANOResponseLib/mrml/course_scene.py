@@ -38,10 +38,12 @@ from vtkmodules.vtkCommonDataModel import vtkTable
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.styles import DIAMETER_COLORS
 from RANOResponseLib.imaging.geometry import lps_to_ras
-from RANOResponseLib.mrml.logic import remove_node
+from RANOResponseLib.mrml.display import slice_logic
 from RANOResponseLib.mrml.measurement_scene import new_line
-from RANOResponseLib.mrml.scene import add_transform_node, load_volume, slice_logic
+from RANOResponseLib.mrml.panel_state import remove_node
+from RANOResponseLib.mrml.transform_roi import add_transform_node
 from RANOResponseLib.mrml.tumour_scene import add_tumour_segmentation
+from RANOResponseLib.mrml.volumes import load_volume
 
 COURSE = "RANOResponse.course"  # node attribute: the node's role in the loaded course
 # (view tag, label, colour): the baseline and the chosen timepoint, side by side

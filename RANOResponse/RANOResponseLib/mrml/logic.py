@@ -3,7 +3,12 @@
 :class:`PanelLogic` takes a ``vtkMRMLScene``; the Slicer module's ``RANOResponseLogic`` subclasses
 it with ``slicer.mrmlScene``, and pytest drives it on the real MRML of ``slicer-core``. It reads
 and writes the panel's state through a parameter object (:class:`PanelParameters`: the module's
-``parameterNodeWrapper`` in Slicer, a plain object in tests).
+``parameterNodeWrapper`` in Slicer, a plain object in tests). This module owns the Studies,
+Model, Apply and Results parts; the other sections are mixed in:
+
+- :mod:`.panel_state`  the parameters, the shown result, removing a case's nodes (shared)
+- :mod:`.review_panel` Review: worklist, measurement and its diameter lines, verdicts, case report
+- :mod:`.course_panel` Course: run or load a patient's timeline, show a timepoint
 
 What it keeps tidy, so that a reviewer can step through a long worklist:
 
@@ -20,146 +25,29 @@ the runtime's packages may be installed): everything else is imported where it i
 
 from __future__ import annotations
 
-import json
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping
 
 from RANOResponseLib.core.errors import BundleError, DeviceError, RANOInputError
 from RANOResponseLib.core.names import MODALITIES, REFERENCE_ORDER
 from RANOResponseLib.mrml.course_panel import CoursePanel
+from RANOResponseLib.mrml.panel_state import PanelParameters, ShownResult, given, remove_node, tagged_nodes
+from RANOResponseLib.mrml.review_panel import (  # noqa: F401 (imported from here by the tests)
+    STEP_MESSAGES,
+    ReviewPanel,
+    export_result,
+    transform_from_node,
+)
 
 ROLES = ("baseline", "followup")
 MAP_CHOICES = {"Grad-CAM": "gradcam", "Saliency": "saliency"}  # the panel's map menu -> map kind
 # scene.ROLE values of a case's nodes (the last two: tumour_scene.SEGMENTATION_ROLES)
 PREDICTION_ROLES = ("transform", "gradcam", "saliency", "roi", "table", "brain", "segmentation_baseline",
                     "segmentation_followup")
-STEP_MESSAGES = {
-    "next": "End of the worklist: this is its last case.",
-    "previous": "Start of the worklist: this is its first case.",
-    "first_unreviewed": "Every case of the worklist has your verdict.",
-}
 READY_TEXT = "Register, crop, classify and compute the maps (runs in the background; click again to cancel)"
 
 
-class PanelParameters(Protocol):
-    """What the panel's state holds (the module's parameter node has these, and the volume nodes
-    ``baseline<M>`` / ``followup<M>`` for each modality M of :data:`MODALITIES`)."""
-
-    baselineFolder: Path
-    followupFolder: Path
-    bundle: Path
-    roi: Any
-    mapName: str
-    opacity: float
-    reviewDatabase: Path
-    transform: Any
-    gradcam: Any
-    saliency: Any
-    table: Any
-    coursePatient: Path  # a patient folder (Patient-XXX/week-*) or a course CSV
-    courseFolder: Path  # the timeline output folder (written by Run timeline, read by Load course)
-
-
-@dataclass
-class ShownResult:
-    """The prediction the scene shows: the study folders it was made on and its scene nodes."""
-
-    inputs: dict[str, Path]  # "baseline"/"followup" -> resolved study folder
-    nodes: Any  # scene.SceneNodes
-
-
-def given(path: Any) -> Optional[Path]:
-    """A path parameter as a Path, or None when unset (the wrapper's unset Path is ``.``)."""
-    return Path(path) if path is not None and str(path) not in ("", ".") else None
-
-
-def remove_node(scene: Any, node: Any) -> None:
-    """Remove a node with its display and storage nodes (``RemoveNode`` alone leaves them behind)."""
-    if node is None or node.GetScene() is None:
-        return
-    extra = []
-    for getter, count in (("GetNthDisplayNode", "GetNumberOfDisplayNodes"),
-                          ("GetNthStorageNode", "GetNumberOfStorageNodes")):
-        if hasattr(node, count):
-            extra += [getattr(node, getter)(i) for i in range(getattr(node, count)())]
-    scene.RemoveNode(node)
-    for n in extra:
-        if n is not None and n.GetScene() is not None:
-            scene.RemoveNode(n)
-
-
-def _tagged(scene: Any, attribute: str, values: tuple[str, ...] | None = None) -> list:
-    found = []
-    for i in range(scene.GetNumberOfNodes()):
-        node = scene.GetNthNode(i)
-        value = node.GetAttribute(attribute)
-        if value and (values is None or value in values):
-            found.append(node)
-    return found
-
-
-def transform_from_node(node: Any):
-    """The registration a linear transform node holds, as the SimpleITK transform ``predict`` wrote
-    (baseline LPS point -> follow-up LPS point): the inverse of ``scene.transform_to_ras_matrix``."""
-    import numpy as np
-    import SimpleITK as sitk
-    from vtkmodules.vtkCommonMath import vtkMatrix4x4
-
-    m = vtkMatrix4x4()
-    node.GetMatrixTransformFromParent(m)
-    ras = np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    lps = flip @ ras @ flip
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(lps[:3, :3].ravel().tolist())
-    transform.SetTranslation(lps[:3, 3].tolist())
-    return transform
-
-
-def export_result(scene: Any, nodes: Any, folder: Path | str) -> Path:
-    """Write the prediction the scene shows as a ``predict`` output folder (what the report reads).
-
-    prediction.json is the prediction's summary; its input studies stay the files it was made on
-    while they exist, else the scene's study nodes are written there. The transform, the maps and
-    the tumour segmentations (as the reader may have edited them) come from their scene nodes
-    (Apply's own folder is gone by then).
-    """
-    import SimpleITK as sitk
-
-    from RANOResponseLib.mrml.scene import export_study_nodes, node_to_image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    summary = json.loads(json.dumps(nodes.summary))  # a deep copy
-    inputs = summary.setdefault("inputs", {})
-    for role, ids in (("baseline", nodes.baseline), ("followup", nodes.followup)):
-        files = inputs.get(role) or {}
-        if not files or not all(Path(f).is_file() for f in files.values()):
-            written = export_study_nodes({m: scene.GetNodeByID(i) for m, i in ids.items()}, folder / role)
-            inputs[role] = {m: str(p) for m, p in written.items()}
-    outputs = {"transform": "followup_to_baseline.tfm"}
-    sitk.WriteTransform(transform_from_node(scene.GetNodeByID(nodes.transform)), str(folder / outputs["transform"]))
-    for kind, node_id in nodes.maps.items():
-        outputs[kind] = f"{kind}.nii.gz"
-        sitk.WriteImage(node_to_image(scene.GetNodeByID(node_id)), str(folder / outputs[kind]), True)
-    if nodes.segmentations:
-        from RANOResponseLib.mrml.scene import reference_node
-        from RANOResponseLib.mrml.tumour_scene import SEGMENTATION_ROLES, tumour_labels
-
-        for tp, node_id in nodes.segmentations.items():
-            key = SEGMENTATION_ROLES[tp]
-            outputs[key] = f"{key}.nii.gz"
-            volumes = {m: scene.GetNodeByID(i) for m, i in getattr(nodes, tp).items()}
-            labels = tumour_labels(scene.GetNodeByID(node_id), reference_node(volumes))
-            sitk.WriteImage(labels, str(folder / outputs[key]), True)
-    summary["outputs"] = outputs
-    (folder / "prediction.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return folder
-
-
-class PanelLogic(CoursePanel):
+class PanelLogic(ReviewPanel, CoursePanel):
     """The RANO Response panel on one scene: studies, Apply, overlay, review, report.
 
     ``python``: the interpreter that runs ``predict`` (``PythonSlicer`` in Slicer; None: this one).
@@ -251,9 +139,9 @@ class PanelLogic(CoursePanel):
         from RANOResponseLib.mrml.scene import ROLE, STUDY
 
         self._stop_line_observers()
-        for node in _tagged(self.scene, STUDY):
+        for node in tagged_nodes(self.scene, STUDY):
             node.SetAndObserveTransformNodeID(None)
-        removed = _tagged(self.scene, ROLE, PREDICTION_ROLES) + self._diameter_line_nodes()
+        removed = tagged_nodes(self.scene, ROLE, PREDICTION_ROLES) + self._diameter_line_nodes()
         if p is not None:
             for name in ("transform", "gradcam", "saliency", "table", "roi"):
                 if getattr(p, name) is not None and (name != "roi" or getattr(p, name) in removed):
@@ -296,7 +184,8 @@ class PanelLogic(CoursePanel):
         request = PredictRequest(
             baseline={m: getattr(p, f"baseline{m}") for m in MODALITIES},
             followup={m: getattr(p, f"followup{m}") for m in MODALITIES},
-            modalities=self.required_modalities(p.bundle), bundle=given(p.bundle), device=device, roi=p.roi)
+            modalities=self.required_modalities(p.bundle), bundle=given(p.bundle), device=device, roi=p.roi,
+            segmentation=bool(getattr(p, "segmentation", True)))  # a parameter object without it: on
         return start_predict(request, python=self.python), notice or ""
 
     @staticmethod
@@ -354,77 +243,6 @@ class PanelLogic(CoursePanel):
 
         return write_scene(self.scene, Path(path))
 
-    # ----------------------------------------------------------------------------- review
-    def open_review(self, worklist: Any, database: Any, reviewer: str) -> str:
-        """Open a worklist for a reviewer at their first unreviewed case; returns the case line."""
-        from RANOResponseLib.review.store import open_session
-
-        if given(worklist) is None:
-            raise RANOInputError("choose a worklist (a CSV of case pairs or a LUMIERE folder)")
-        self.review = open_session(Path(worklist), Path(database) if given(database) else "", reviewer)
-        return self.case_text()
-
-    def step_review(self, where: str) -> str | None:
-        """Move through the worklist (``next``, ``previous``, ``first_unreviewed``). At either end it
-        stays on the current case and returns what to tell the reader; None when it moved."""
-        if self.review is None:
-            raise RANOInputError("open a worklist first")
-        if where not in STEP_MESSAGES:
-            raise ValueError(f"unknown step {where!r}; expected one of {', '.join(STEP_MESSAGES)}")
-        return STEP_MESSAGES[where] if getattr(self.review, where)() is None else None
-
-    def load_review_case(self, p: PanelParameters) -> Any:
-        """Load the worklist's current case into the panel (see :meth:`load_studies`)."""
-        case = self.review.current
-        p.baselineFolder, p.followupFolder = Path(case.baseline), Path(case.followup)
-        return self.load_studies(p)
-
-    def case_text(self) -> str:
-        """Where the reviewer is in the worklist, and their verdict on this case if any."""
-        from RANOResponseLib.review.store import session_text
-
-        return session_text(self.review) if self.review is not None else ""
-
-    def result_for(self, case: Any) -> ShownResult | None:
-        """The shown prediction if it was made on this case's two study folders."""
-        r = self.result
-        if r is None:
-            return None
-        wanted = {"baseline": Path(case.baseline).resolve(), "followup": Path(case.followup).resolve()}
-        return r if r.inputs == wanted else None
-
-    def measure_case(self) -> str:
-        """Measure the current case, draw the editable diameters and apply RANO; returns the panel's
-        text. A manual mask next to the studies (DeepBraTumIA, HD-GLIO) is measured when there is
-        one; else the shown prediction's automatic segmentation is (its lines, as predict drew
-        them). Moving a line recomputes the measurement and calls :attr:`on_change`."""
-        from RANOResponseLib.mrml.measurement_scene import assess_case, assessment_html, reassess
-        from RANOResponseLib.rano.measurement import find_pair_segmentations
-
-        if self.review is None:
-            raise RANOInputError("open a worklist first")
-        case = self.review.current
-        shown = self.result_for(case)
-        try:
-            find_pair_segmentations(case.baseline, case.followup)
-        except RANOInputError as no_mask:
-            automatic = self._automatic_assessment() if shown is not None else None
-            if automatic is None:
-                raise RANOInputError(f"{no_mask} -- and no automatic segmentation: run Apply (with the "
-                                     "segmentation) on this case first") from None
-            self.assessment = reassess(self.scene, automatic)  # the lines as the reader left them
-        else:
-            self._stop_line_observers()  # before their lines go
-            for node in self._diameter_line_nodes():
-                remove_node(self.scene, node)
-            transform_id = shown.nodes.transform if shown else None
-            self.assessment = assess_case(
-                self.scene, case.baseline, case.followup,
-                transform=transform_from_node(self.scene.GetNodeByID(transform_id)) if shown else None,
-                followup_transform_node_id=transform_id, prediction=shown.nodes.summary if shown else None)
-        self._watch_lines()
-        return assessment_html(self.assessment)
-
     def result_text(self) -> str:
         """The results panel: the network's class and probabilities, and the measured classes
         (RANO, RANO 2.0) beside it with a disagreement flagged; the current measurement (the
@@ -435,84 +253,3 @@ class PanelLogic(CoursePanel):
 
         summary = self.result.nodes.summary
         return result_html(summary, compare_classes(summary, self.assessment))
-
-    def measurement_text(self) -> str:
-        """The review panel's measurement text ('' before a measurement)."""
-        from RANOResponseLib.mrml.measurement_scene import assessment_html
-
-        return assessment_html(self.assessment) if self.assessment is not None else ""
-
-    def save_verdict(self, agree: bool, label: str, confidence: int, note: str) -> str:
-        """Save the reviewer's verdict on the current case (with the model's and the rules' answer
-        when the panel shows them); returns the new case line."""
-        if self.review is None:
-            raise RANOInputError("open a worklist first")
-        shown = self.result_for(self.review.current)
-        self.review.save(label=None if agree else label, confidence=confidence, note=note,
-                         prediction=shown.nodes.summary if shown else None,
-                         rule=self.assessment.rule if self.assessment is not None else None)
-        return self.case_text()
-
-    @staticmethod
-    def export_verdicts(database: Any, path: Path | str) -> None:
-        """Write the review database's verdicts as a training-label CSV."""
-        from RANOResponseLib.review.store import ReviewStore
-
-        with ReviewStore(Path(database), create=False) as store:
-            store.export_csv(Path(path))
-
-    def write_report(self, p: PanelParameters, path: Path | str) -> Path:
-        """The PDF case report of the shown prediction (and of the measurement, if one was made)."""
-        from RANOResponseLib.rano.rules import write_assessment
-        from RANOResponseLib.review.report import write_report
-
-        shown = self.result_for(self.review.current) if self.review is not None else self.result
-        if shown is None:
-            raise RANOInputError("Run Apply on this case first: the report is built from its prediction.")
-        with tempfile.TemporaryDirectory(prefix="RANOResponse-report-") as tmp:
-            prediction = export_result(self.scene, shown.nodes, Path(tmp) / "prediction")
-            measurements = None
-            if self.assessment is not None:
-                measurements = Path(tmp) / "measurements.json"
-                a = self.assessment
-                write_assessment(measurements, a.pair, a.rule, a.comparison)
-            return write_report(prediction, Path(path), measurements=measurements,
-                                db=p.reviewDatabase if self.review is not None else None,
-                                case_id=self.review.current.case_id if self.review is not None else None)
-
-    # ---------------------------------------------------------------------------- helpers
-    def _automatic_assessment(self) -> Any:
-        """The shown prediction's measurement of its own segmentations, over the diameter lines it
-        put into the scene (None without one)."""
-        from RANOResponseLib.mrml.measurement_scene import assess_pair, find_diameter_lines
-        from RANOResponseLib.mrml.tumour_scene import measured_pair
-        from RANOResponseLib.review.report import measurement_source
-
-        summary = self.result.nodes.summary if self.result is not None else {}
-        pair = measured_pair(summary)
-        if pair is None:
-            return None
-        return assess_pair(pair, find_diameter_lines(self.scene), summary,
-                           source=measurement_source(pair, summary))
-
-    def _watch_lines(self) -> None:
-        """Re-measure when a diameter line moves, then tell the panel (:attr:`on_change`)."""
-        from RANOResponseLib.mrml.measurement_scene import observe_lines, reassess
-
-        def moved() -> None:
-            self.assessment = reassess(self.scene, self.assessment)
-            if self.on_change is not None:
-                self.on_change()
-
-        self._stop_line_observers()
-        self._stop_observing = observe_lines(self.assessment.lines, moved)
-
-    def _diameter_line_nodes(self) -> list:
-        from RANOResponseLib.mrml.measurement_scene import ATTR
-
-        return _tagged(self.scene, ATTR)
-
-    def _stop_line_observers(self) -> None:
-        if self._stop_observing is not None:
-            self._stop_observing()
-            self._stop_observing = None

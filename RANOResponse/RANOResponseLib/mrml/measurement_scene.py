@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.styles import DIAMETER_COLORS
 from RANOResponseLib.imaging.geometry import lps_to_ras, ras_to_lps
-from RANOResponseLib.mrml.scene import node_to_image
+from RANOResponseLib.mrml.volumes import image_to_node, node_to_image
 from RANOResponseLib.rano.measurement import (
     BINARY,
     DEEPBRATUMIA,
@@ -46,9 +46,7 @@ PERPENDICULAR_TOLERANCE_DEG = 10.0
 
 def volume_node_from_image(scene: Any, image: sitk.Image, name: str, labelmap: bool = True) -> Any:
     """Add a SimpleITK label map (or scalar image) to the scene as a labelmap (or scalar) volume
-    node, through :func:`scene.image_to_node`."""
-    from RANOResponseLib.mrml.scene import image_to_node
-
+    node, through :func:`~RANOResponseLib.mrml.volumes.image_to_node`."""
     node = None
     if labelmap:
         node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)

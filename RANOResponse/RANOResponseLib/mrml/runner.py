@@ -4,8 +4,8 @@ Studies are volume nodes in a scene. They reach the core as study folders: the f
 were read from when every node still matches its file, otherwise the nodes are exported to a
 private work folder first. ``rano-response predict`` then runs in a child process
 (:class:`~RANOResponseLib.mrml.process.BackgroundRun`) and writes only what the scene needs
-(``--no-scene --no-pictures``: prediction.json, the maps, the transform and the tumour
-segmentations), and its output folder
+(``--no-scene --no-pictures``: prediction.json, the maps, the transform and, unless the request
+turns it off, the tumour segmentations and their measurement), and its output folder
 is loaded back into the scene with the same scene logic the CLI uses to write its ``.mrml``
 (``scene.load_outputs``).
 
@@ -43,6 +43,7 @@ class PredictRequest:
     device: str = "cpu"
     roi: object | None = None  # vtkMRMLMarkupsROINode; its centre is the crop centre
     maps: bool = True
+    segmentation: bool = True  # segment both studies and measure RANO (off: ``--no-segmentation``)
 
 
 @dataclass
@@ -106,6 +107,8 @@ def start_predict(request: PredictRequest, python: str | None = None, workdir: P
             args += ["--bundle", str(request.bundle)]
         if not request.maps:
             args.append("--no-maps")
+        if not request.segmentation:
+            args.append("--no-segmentation")
         if request.roi is not None:
             from RANOResponseLib.mrml.scene import roi_center
 

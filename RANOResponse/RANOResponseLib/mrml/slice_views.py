@@ -23,14 +23,9 @@ from vtkmodules.vtkRenderingCore import vtkTextProperty
 from vtkmodules.vtkRenderingFreeType import vtkFreeTypeTools
 
 from RANOResponseLib.core.files import atomic_file
-from RANOResponseLib.mrml.scene import (
-    MAP_KINDS,
-    _composite_node,
-    _id,
-    ensure_slice_views,
-    peak_ras,
-    slice_logic,
-)
+from RANOResponseLib.core.styles import MAP_KINDS
+from RANOResponseLib.mrml.display import _composite_node, _id, ensure_slice_views, slice_logic
+from RANOResponseLib.mrml.volumes import peak_ras
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 _LETTERS = ("L", "R", "P", "A", "I", "S")  # -x, +x, -y, +y, -z, +z in RAS

@@ -11,7 +11,7 @@
 * :func:`tumour_labels`: the reverse (segments found by name, back to a 1/2/3 label map);
 * :func:`measured_pair`: the lesion measurements of a prediction summary.
 
-:func:`~RANOResponseLib.mrml.scene.assemble` puts both segmentations and the measurable lesions'
+:func:`~RANOResponseLib.mrml.assembly.assemble` puts both segmentations and the measurable lesions'
 diameter lines (:mod:`~RANOResponseLib.mrml.measurement_scene`) into the scene, the follow-up's
 under the registration transform as its volumes are.
 """
@@ -30,7 +30,7 @@ from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.names import LABEL_NAMES
 from RANOResponseLib.core.outputs import SEGMENTATION_FILES
 from RANOResponseLib.core.styles import TUMOUR_COLORS, TUMOUR_FILL_OPACITY
-from RANOResponseLib.mrml.scene import image_to_node, node_to_image
+from RANOResponseLib.mrml.volumes import image_to_node, node_to_image
 from RANOResponseLib.rano.measurement import PairMeasurement
 
 TIMEPOINTS = ("baseline", "followup")
@@ -122,7 +122,7 @@ def tumour_labels(node: Any, reference: Any = None) -> sitk.Image:
 
     Segments are found by name (:func:`segment_ids`); the map lies on ``reference``'s grid if given
     (the node's own coordinates: a parent transform is not applied, as in
-    :func:`~RANOResponseLib.mrml.scene.node_to_image`), else on the segmentation's own geometry.
+    :func:`~RANOResponseLib.mrml.volumes.node_to_image`), else on the segmentation's own geometry.
     """
     found = segment_ids(node)
     if not found:

@@ -143,7 +143,7 @@ def _summary_table(fig: Any, doc: dict, box: tuple[float, float, float, float]) 
                       r["category"], r["confirmed"], r["category_rano2"], r["confirmed_rano2"],
                       net.get("label", "-" if r["role"] == "follow-up" else "")])
     t = ax.table(cellText=cells, colLabels=cols, loc="upper left", cellLoc="left", colLoc="left",
-                 colWidths=[0.12, 0.06, 0.10, 0.07, 0.07, 0.09, 0.09, 0.07, 0.07, 0.09, 0.07, 0.09])
+                 colWidths=[0.11, 0.055, 0.09, 0.07, 0.07, 0.08, 0.08, 0.065, 0.07, 0.075, 0.07, 0.075])
     t.auto_set_font_size(False)
     t.set_fontsize(FONT - 2)
     t.scale(1, 1.35)
@@ -373,6 +373,22 @@ def write_course_report(doc: dict, root: Path | str, out: Path | str) -> Path:
             pdf.savefig(fig)
             plt.close(fig)
     return Path(out)
+
+
+def course_lines(doc: dict, timepoint: str) -> list[str]:
+    """What the course says about one timepoint, in sentences (for the case report or a panel that
+    shows a pair: the same course rules, against the nadir and the baseline). ``[]`` if the
+    timepoint is not in the course."""
+    r = next((x for x in doc["timepoints"] if x["timepoint"] == timepoint), None)
+    if r is None:
+        return []
+    if r["role"] != "follow-up":
+        return [f"{timepoint} is the course's {r['role']} scan (baseline {doc['baseline']}: {doc['baseline_reason']})."]
+    conf = f", confirmation {r['confirmed']}" if r["confirmed"] else ""
+    conf2 = f", confirmation {r['confirmed_rano2']}" if r["confirmed_rano2"] else ""
+    head = (f"Course of {doc['patient']} (baseline {doc['baseline']}): RANO {r['category']}{conf}; RANO 2.0 "
+            f"volumetric {r['category_rano2']}{conf2}; nadir {r['nadir_mm2']:.0f} mm2 at {r['nadir_timepoint']}.")
+    return [head] + [t for t in r["reasoning"].split("\n") if t and t != NOT_ASSESSED]
 
 
 def course_writers(plot: bool = True, report: bool = True) -> list[Callable[[dict, Path], Mapping[str, Path]]]:

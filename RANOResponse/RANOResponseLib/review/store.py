@@ -1,8 +1,7 @@
 """Radiologist review sessions: a worklist of case pairs, verdicts in SQLite, labels out as CSV.
 
-* A *worklist* is a CSV of case pairs (``baseline``, ``followup`` and optionally ``case_id``,
-  ``patient``, ``label``, ``prediction``; relative paths are taken from the CSV's folder) or a
-  LUMIERE folder (pairs from :func:`ResponseTrainingLib.lumiere.build_pairs`).
+* A *worklist* is a CSV of case pairs or a LUMIERE folder, read by :mod:`.worklist` (its names
+  are importable from here too).
 * A :class:`ReviewStore` is one SQLite file shared by every reviewer of a worklist. Verdicts are
   *appended*, never updated: revising a verdict adds a row whose ``supersedes`` names the one it
   replaces, and the ``latest_verdicts`` view gives the newest per case and reviewer, so history
@@ -36,7 +35,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.core.names import CLASS_NAMES, MODALITIES
+from RANOResponseLib.core.names import CLASS_NAMES
+from RANOResponseLib.review.worklist import (  # noqa: F401 (the worklist's names, imported from here too)
+    Case,
+    cases_from_lumiere,
+    default_case_id,
+    load_worklist,
+    read_worklist_csv,
+)
 
 SCHEMA_VERSION = 1
 CONFIDENCE_RANGE = (1, 5)  # 1 = very unsure ... 5 = certain
@@ -80,91 +86,6 @@ CREATE VIEW IF NOT EXISTS latest_verdicts AS
     WHERE NOT EXISTS (SELECT 1 FROM verdicts w
                       WHERE w.case_id = v.case_id AND w.reviewer = v.reviewer AND w.id > v.id);
 """
-
-
-# ------------------------------------------------------------------------------ worklist
-
-
-@dataclass(frozen=True)
-class Case:
-    """One case pair of a worklist."""
-
-    case_id: str
-    baseline: str  # study folder
-    followup: str
-    patient: str = ""
-    label: str = ""  # reference label from the worklist (e.g. LUMIERE's expert rating), if any
-    prediction: str = ""  # a `rano-response predict` output folder, if any
-
-    @property
-    def baseline_week(self) -> str:
-        return Path(self.baseline).name
-
-    @property
-    def followup_week(self) -> str:
-        return Path(self.followup).name
-
-
-def _default_case_id(patient: str, baseline: str, followup: str) -> str:
-    """Same form as ``ResponseTrainingLib.lumiere.Pair.id``."""
-    return f"{patient or Path(followup).parent.name}_{Path(baseline).name}_{Path(followup).name}"
-
-
-def read_worklist_csv(path: Path | str) -> list[Case]:
-    """Cases from a CSV with columns ``baseline``, ``followup`` and optionally ``case_id``,
-    ``patient``, ``label``, ``prediction``. Relative paths are relative to the CSV's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise RANOInputError(f"{path}: worklist not found")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise RANOInputError(f"{path}: unreadable worklist CSV ({e})") from None
-    if not rows:
-        raise RANOInputError(f"{path}: worklist has no cases")
-    cols = {c.strip().lower(): c for c in rows[0] if c is not None}
-    missing = [c for c in ("baseline", "followup") if c not in cols]
-    if missing:
-        raise RANOInputError(f"{path}: worklist lacks column(s) {', '.join(missing)} (has {', '.join(cols) or 'none'})")
-
-    def get(row: Mapping[str, str], name: str) -> str:
-        return (row.get(cols[name]) or "").strip() if name in cols else ""
-
-    def resolve(p: str) -> str:
-        return str(p if not p or Path(p).is_absolute() else (path.parent / p).resolve())
-
-    cases, seen = [], set()
-    for n, row in enumerate(rows, start=2):
-        base, fu = resolve(get(row, "baseline")), resolve(get(row, "followup"))
-        if not base or not fu:
-            raise RANOInputError(f"{path}: line {n} lacks a baseline or follow-up path")
-        patient = get(row, "patient") or Path(fu).parent.name
-        case_id = get(row, "case_id") or _default_case_id(patient, base, fu)
-        if case_id in seen:
-            raise RANOInputError(f"{path}: line {n} repeats case_id {case_id!r}")
-        seen.add(case_id)
-        label = get(row, "label")
-        if label and label not in CLASS_NAMES:
-            raise RANOInputError(f"{path}: line {n}: label {label!r} is not one of {', '.join(CLASS_NAMES)}")
-        cases.append(Case(case_id, base, fu, patient, label, resolve(get(row, "prediction"))))
-    return cases
-
-
-def cases_from_lumiere(root: Path | str, modalities: Sequence[str] = MODALITIES) -> list[Case]:
-    """The usable rated pairs of a LUMIERE folder (``ResponseTrainingLib.lumiere.build_pairs``)."""
-    from RANOResponseLib.datasets.lumiere import build_pairs  # lazy: the training package is optional here
-
-    pairs, _ = build_pairs(root, modalities)
-    return [Case(p.id, str(p.baseline), str(p.followup), p.patient, p.label) for p in pairs]
-
-
-def load_worklist(source: Path | str, modalities: Sequence[str] = MODALITIES) -> list[Case]:
-    """A worklist CSV, or a LUMIERE folder (one holding ``LUMIERE-ExpertRating-v202211.csv``)."""
-    source = Path(source)
-    if source.is_dir():
-        return cases_from_lumiere(source, modalities)
-    return read_worklist_csv(source)
 
 
 # ------------------------------------------------------------------------------ verdicts

@@ -140,7 +140,7 @@ def model_card(cfg: SegTrainConfig, prov: dict[str, Any], metrics: dict[str, Any
         parts += ["## Architecture comparison\n", metrics["comparison"].strip() + "\n"]
     parts += [
         "## Limitations\n",
-        "Trained on synthetic phantoms only: not validated on patients' scans, not a medical device. "
+        "Not for clinical use. Trained on synthetic phantoms only: not validated on patients' scans. "
         "Regions are defined as the phantom generator draws them; real enhancing rims, blood products, "
         "post-radiation change and scanner artefacts are not represented. A mean Dice hides per-case "
         "failures: see `metrics.csv` of the run. Dice is undefined where neither mask holds a region "
