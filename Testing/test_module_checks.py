@@ -67,8 +67,30 @@ def test_apply_without_segmentation_measures_nothing(tiny_bundle):
     assert "--no-segmentation" in job.run.command
     summary = logic.finish_prediction(p, job)
     assert p.transform is not None and p.table.GetNumberOfRows() == len(CLASS_NAMES)
-    assert "measured" not in summary
+    assert summary["measured"] is None  # prediction.json: not segmented
+    assert not {"segmentation_baseline", "segmentation_followup"} & set(summary["outputs"])
     roles = {logic.scene.GetNthNode(i).GetAttribute(ROLE) for i in range(logic.scene.GetNumberOfNodes())}
     assert not roles & {"segmentation_baseline", "segmentation_followup"}
     assert logic.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsLineNode") == 0
     assert logic.assessment is None and "Measured RANO" not in logic.result_text()
+
+
+def test_a_segmentation_input_that_is_not_assigned_skips_the_segmentation_and_says_so(tmp_path, case_pair):
+    """The box on, but no CT1 for the segmentation bundle (which needs every sequence, unlike a T1 +
+    FLAIR classifier): Apply still runs, without the segmentation, and tells the user why."""
+    from conftest import make_bundle
+    from RANOResponseLib.model.segmentation import read_seg_bundle
+
+    logic = PanelLogic(new_scene())
+    p = params(bundle=make_bundle(tmp_path / "t1-flair", modalities=("T1", "FLAIR"), bundle_id="tiny-t1-flair"),
+               baselineFolder=case_pair.baseline, followupFolder=case_pair.followup)
+    logic.load_studies(p)
+    seg = read_seg_bundle().modalities
+    assert logic.apply_inputs(p) == (tuple(dict.fromkeys(("T1", "FLAIR", *seg))), True, "")
+    p.segmentation = False
+    assert logic.apply_inputs(p) == (("T1", "FLAIR"), False, "")
+    p.segmentation, p.baselineCT1 = True, None
+    job, notice = logic.start_prediction(p, "cpu")
+    logic.cancel(job)
+    assert "--no-segmentation" in job.run.command
+    assert notice.startswith("Segmentation skipped: no baseline CT1 volume")

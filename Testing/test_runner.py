@@ -64,7 +64,7 @@ def test_apply_fills_the_scene_and_removes_its_work_folder(scene_with_studies, t
     written = sorted(p.relative_to(job.out).as_posix() for p in job.out.rglob("*") if p.is_file())
     # only what the scene reads: no .mrml, no pictures
     assert written == ["brain_mask.nii.gz", "followup_to_baseline.tfm", "gradcam.nii.gz", "prediction.json",
-                       "saliency.nii.gz"]
+                       "saliency.nii.gz", "segmentation_baseline.nii.gz", "segmentation_followup.nii.gz"]
     summary = json.loads((job.out / "prediction.json").read_text())
     cam_file = sitk.GetArrayFromImage(sitk.ReadImage(str(job.out / "gradcam.nii.gz")))
     nodes = finish_predict(scene, job)

@@ -333,3 +333,37 @@ def test_cli_missing_seg_bundle_is_one_line(two_mm_pair, tiny_bundle, tmp_path, 
 def test_seg_bundle_env_is_the_default(monkeypatch, seg_bundle):
     monkeypatch.setenv("RANO_RESPONSE_SEG_BUNDLE", str(seg_bundle))
     assert read_seg_bundle().id == "tiny-seg"
+
+
+def test_labels_to_reference_resamples_only_the_box_but_equals_the_whole(seg_cohort):
+    """Only the reference's box under the grid (and the brain) is resampled: the labels are the
+    same as resampling every class over the whole reference (done here with SimpleITK), also on
+    an oblique reference grid that the model grid does not share."""
+    from RANOResponseLib.imaging.preprocessing import labels_to_reference, labels_on_grid, prepare_timepoint
+    from RANOResponseLib.imaging.registration import brain_mask
+
+    folder = seg_cohort.pair("week-017").followup
+    study = read_study(folder)
+    mask = sitk.ReadImage(str(folder / "DeepBraTumIA-segmentation/native/segmentation/seg_mask.nii.gz"))
+    prepared = prepare_timepoint(study, MODALITIES, (3.0, 3.0, 3.0))
+    scores = (labels_on_grid(mask, prepared.grid)[None] == np.arange(4)[:, None, None, None]).astype(np.float32)
+    scores += np.random.default_rng(0).uniform(0, 0.3, scores.shape).astype(np.float32)  # no ties
+    oblique = sitk.Image([90, 100, 80], sitk.sitkUInt8)
+    oblique.SetSpacing((1.7, 1.9, 2.3))
+    rotation = sitk.Euler3DTransform((0, 0, 0), 0.3, -0.2, 0.5)
+    oblique.SetDirection(rotation.GetMatrix())
+    centre = np.array(prepared.grid.TransformContinuousIndexToPhysicalPoint([s / 2 for s in prepared.grid.GetSize()]))
+    half = np.array(rotation.GetMatrix()).reshape(3, 3) @ (np.array(oblique.GetSize()) * oblique.GetSpacing() / 2)
+    oblique.SetOrigin(tuple(centre - half + 20.0))  # the grid's box is cut by the reference's edge
+    for reference, brain in ((study.images["CT1"], brain_mask(study.images["CT1"])), (oblique, None)):
+        got = sitk.GetArrayFromImage(labels_to_reference(scores, (0, 1, 2, 3), prepared.grid, reference, brain))
+        whole = []
+        for p in scores:
+            img = sitk.GetImageFromArray(p)
+            img.CopyInformation(prepared.grid)
+            whole.append(sitk.GetArrayFromImage(sitk.Resample(img, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                              sitk.sitkFloat32)))
+        truth = np.argmax(np.stack(whole), axis=0).astype(np.uint8)
+        if brain is not None:
+            truth[sitk.GetArrayFromImage(brain) == 0] = 0
+        assert (truth > 0).sum() > 1000 and np.array_equal(got, truth)

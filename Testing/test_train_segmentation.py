@@ -58,7 +58,7 @@ def _cfg(cohort: Path, out: Path, **kw) -> SegTrainConfig:
 @pytest.fixture(scope="module")
 def run(cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("seg-run")
-    train_segmentation(_cfg(cohort, out, cache=out.parent / "seg-cache"))
+    train_segmentation(_cfg(cohort, out, cache=out.parent / "seg-cache", only_fold=None, export="all"))
     return out
 
 
@@ -91,21 +91,25 @@ def test_cache_is_reused_and_keyed_by_spacing(cohort, tmp_path):
 
 def test_run_writes_tables_plots_and_a_bundle_that_reads_back(run):
     for name in ("metrics.csv", "summary.json", "plots/curves.png", "plots/dice_per_fold.png",
-                 "fold-0/history.csv", "fold-0/checkpoint.pt", "fold-0/min_lesion_ml.csv"):
+                 *(f"fold-{k}/{f}" for k in range(3) for f in ("history.csv", "checkpoint.pt", "min_lesion_ml.csv"))):
         assert (run / name).is_file(), name
     bundle = read_seg_bundle(run / "bundle")
     assert bundle.kind == "rano" and bundle.architecture["name"] == "UNet"
     assert bundle.spacing == (6.0, 6.0, 6.0) and bundle.labels == (0, 1, 2, 3)
     for w in bundle.weights:
         assert hashlib.sha256((run / "bundle" / w["file"]).read_bytes()).hexdigest() == w["sha256"]
-    assert len(load_seg_models(bundle)) == 1
+    assert len(load_seg_models(bundle)) == 3  # --export all: the three fold models
     meta = json.loads((run / "bundle" / "bundle.json").read_text())
-    chosen = pd.read_csv(run / "fold-0" / "min_lesion_ml.csv")
-    assert meta["min_lesion_ml"] in chosen["min_lesion_ml"].tolist()
+    chosen = [pd.read_csv(run / f"fold-{k}" / "min_lesion_ml.csv") for k in range(3)]
+    assert min(c["min_lesion_ml"].min() for c in chosen) <= meta["min_lesion_ml"] <= max(
+        c["min_lesion_ml"].max() for c in chosen)
     card = (run / "bundle" / "MODEL_CARD.md").read_text()
     assert "UNet" in card and "train-seg" in card and "Limitations" in card
-    metrics = pd.read_csv(run / "metrics.csv")
-    assert len(metrics) == 1 and metrics["dice_whole"].between(0, 1).all()
+    metrics = pd.read_csv(run / "metrics.csv")  # --test-limit 1: one test timepoint per fold
+    assert sorted(metrics["fold"]) == [0, 1, 2] and metrics["dice_whole"].between(0, 1).all()
+    folds = pd.read_csv(run / "folds.csv")
+    for _, row in metrics.iterrows():  # each fold is scored on its own test patients
+        assert folds.loc[folds["case"] == row["case"], "fold"].item() == row["fold"]
 
 
 def test_resume_continues_from_the_checkpoint(cohort, run, tmp_path, monkeypatch):

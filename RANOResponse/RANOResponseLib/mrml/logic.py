@@ -173,7 +173,8 @@ class PanelLogic(ReviewPanel, CoursePanel):
 
     # ------------------------------------------------------------------------------ Apply
     def start_prediction(self, p: PanelParameters, requested_device: str | None = "auto") -> tuple[Any, str]:
-        """Start ``predict`` in a child process; returns the job and the device notice ('' if none).
+        """Start ``predict`` in a child process; returns the job and what to tell the user ('' if
+        nothing): the device notice, and that the segmentation is skipped (see :meth:`apply_inputs`).
 
         An explicit device that is absent raises :class:`DeviceError` (no silent switch to the CPU).
         """
@@ -181,12 +182,31 @@ class PanelLogic(ReviewPanel, CoursePanel):
         from RANOResponseLib.mrml.runner import PredictRequest, start_predict
 
         device, notice = choose_device(requested_device or "auto")
+        modalities, segmentation, skipped = self.apply_inputs(p)
         request = PredictRequest(
             baseline={m: getattr(p, f"baseline{m}") for m in MODALITIES},
             followup={m: getattr(p, f"followup{m}") for m in MODALITIES},
-            modalities=self.required_modalities(p.bundle), bundle=given(p.bundle), device=device, roi=p.roi,
-            segmentation=bool(getattr(p, "segmentation", True)))  # a parameter object without it: on
-        return start_predict(request, python=self.python), notice or ""
+            modalities=modalities, bundle=given(p.bundle), device=device, roi=p.roi, segmentation=segmentation)
+        return start_predict(request, python=self.python), "\n".join(t for t in (notice, skipped) if t)
+
+    def apply_inputs(self, p: PanelParameters) -> tuple[tuple[str, ...], bool, str]:
+        """What Apply hands to ``predict``: the modalities, whether it segments, and why not if it
+        cannot. With "Segment and measure the tumour" off (``p.segmentation``): the bundle's
+        modalities, no segmentation (``--no-segmentation``). On (also when the parameter object has
+        no such field): the segmentation bundle's modalities too, unless a volume it needs is not
+        assigned; then the prediction runs without the segmentation and the third value says so.
+        """
+        from RANOResponseLib.model.segmentation import read_seg_bundle
+
+        needed = self.required_modalities(p.bundle)
+        if not getattr(p, "segmentation", True):
+            return needed, False, ""
+        seg = read_seg_bundle()  # the one predict uses by default
+        lacking = [f"{role} {m}" for role in ROLES for m in seg.modalities if getattr(p, f"{role}{m}") is None]
+        if lacking:
+            return needed, False, (f"Segmentation skipped: no {', '.join(lacking)} volume (the segmentation "
+                                   f"bundle {seg.id} needs {', '.join(seg.modalities)}).")
+        return tuple(dict.fromkeys((*needed, *seg.modalities))), True, ""
 
     @staticmethod
     def cancel(job: Any) -> None:

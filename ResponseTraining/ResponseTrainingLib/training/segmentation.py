@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -206,6 +207,7 @@ def train_fold(cfg: SegTrainConfig, fold: int, train: list[dict], val: list[dict
     transforms = train_transforms(cfg.patch, samples)
     model.train()
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        started = time.perf_counter()
         rng = np.random.default_rng(_seed(cfg.seed, fold, epoch))
         transforms.set_random_state(seed=_seed(cfg.seed, fold, epoch, 2) % (2**32))
         order = rng.permutation(np.resize(rng.permutation(len(train)), steps * cfg.batch_size))
@@ -233,6 +235,7 @@ def train_fold(cfg: SegTrainConfig, fold: int, train: list[dict], val: list[dict
             state["best_score"], state["best_epoch"] = _score(row), epoch
             _atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, fold_dir / "best.pt")
         state["epoch"] = epoch
+        state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - started
         _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "state": json.dumps(state)}, ckpt_path)
         write_text(pd.DataFrame(state["history"]).to_csv(index=False), fold_dir / "history.csv")
@@ -245,24 +248,26 @@ def train_fold(cfg: SegTrainConfig, fold: int, train: list[dict], val: list[dict
     min_ml, table = choose_min_lesion_ml(preds, [c["label"] for c in val_all], voxel_ml)
     write_text(table.to_csv(index=False), fold_dir / "min_lesion_ml.csv")
     return {"fold": fold, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-            "best_val_score": state["best_score"], "min_lesion_ml": min_ml, "n_train": len(train),
+            "best_val_score": state["best_score"], "train_seconds": round(state.get("train_seconds", 0.0), 1),
+            "min_lesion_ml": min_ml, "n_train": len(train),
             "n_val": len(val_all), "model": model}
 
 
-def forward_seconds(name: str, in_channels: int, shape: Sequence[int] = (96, 112, 96), repeats: int = 3) -> float:
-    """Median seconds of one forward of a preset on a ``shape`` grid on the CPU (current thread
-    count), after one warm-up pass."""
-    import time
-
-    model = build_seg_network(architecture(name, in_channels)).eval()
+def forward_seconds(names: Sequence[str], in_channels: int, shape: Sequence[int] = (96, 112, 96),
+                    repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one forward of each preset of ``names`` on a ``shape`` grid on the CPU
+    (current thread count), after a warm-up pass; the presets take turns, so a shared machine's
+    changing load falls on all of them alike."""
+    models = {n: build_seg_network(architecture(n, in_channels)).eval() for n in names}
     x = torch.zeros(1, in_channels, *shape)
-    times = []
+    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
+        for _ in range(repeats + 1):
+            for n, model in models.items():
+                t = time.perf_counter()
+                model(x)
+                times[n].append(time.perf_counter() - t)
+    return {n: float(np.median(t[1:])) for n, t in times.items()}
 
 
 def load_fold_model(cfg: SegTrainConfig, fold_dir: Path, device: torch.device) -> torch.nn.Module:

@@ -105,6 +105,13 @@ def _dice_table(summary: dict[str, dict[str, float]]) -> str:
                           for r, s in summary.items())
 
 
+def _train_time(metrics: dict[str, Any]) -> str:
+    seconds = [r.get("train_seconds") for r in metrics["folds"]]
+    if any(s is None for s in seconds):
+        return "time not recorded"
+    return ", ".join(f"fold {r['fold']} {r['train_seconds'] / 60:.0f} min" for r in metrics["folds"])
+
+
 def model_card(cfg: SegTrainConfig, prov: dict[str, Any], metrics: dict[str, Any]) -> str:
     """The bundle's MODEL_CARD.md."""
     arch = architecture(cfg.architecture, len(cfg.modalities))
@@ -128,10 +135,15 @@ def model_card(cfg: SegTrainConfig, prov: dict[str, Any], metrics: dict[str, Any
         f"{prov['steps_per_epoch']} steps, batch {cfg.batch_size} patches of {cfg.patch}^3 voxels "
         "(2 tumour-centred : 1 anywhere), augmentation: intensity scale/shift, bias field, Gaussian noise, "
         "smoothing along the slice axis, rotations up to 8.6 degrees, left-right flips. "
-        f"{prov['device']}, {prov['torch_threads']} threads, {prov['wall_seconds_this_session']:.0f} s; "
-        f"{prov['date']}.\n",
-        "## Test Dice per region (native resolution, each fold's test patients)\n",
+        f"{prov['device']}, {prov['torch_threads']} threads; training {_train_time(metrics)}; {prov['date']}.\n",
+        f"## Test Dice per region (native resolution, test patients of fold(s) "
+        f"{', '.join(str(r['fold']) for r in metrics['folds'])})\n",
+        ("" if not cfg.test_limit else f"At most {cfg.test_limit} test timepoints per fold, spread evenly over "
+         "its test patients' timepoints (`--test-limit`).\n"),
         _dice_table(metrics["test"]),
+        f"Exported: fold model(s) {metrics['members']} (`--export {cfg.export}`"
+        + ("; the fold with the best validation Dice: one forward per timepoint keeps predict within its CPU "
+           "time budget" if cfg.export == "best" else "; the fold ensemble, probabilities averaged") + ").\n",
     ]
     if metrics.get("unseen"):
         parts += [f"## Dice on unseen cohorts ({', '.join(metrics['unseen_data'])}, not used for training "
@@ -155,7 +167,7 @@ def _provenance(cfg: SegTrainConfig, cases: list[SegCase], scheme: str, steps: i
     return {
         "command": shlex.join(portable_path(t) if t.startswith("/") else t for t in shlex.split(command)),
         "config": {k: ([portable_path(p) for p in v] if k in ("data", "unseen") else
-                       portable_path(v) if k in ("out", "cache") and v is not None else v)
+                       portable_path(v) if k in ("out", "cache", "comparison") and v is not None else v)
                    for k, v in asdict(cfg).items() if k != "command"},
         "data": [Path(d).resolve().name for d in cfg.data],
         "data_source": [data_source(d) for d in cfg.data],
@@ -271,18 +283,25 @@ def compare_architectures(cfg: SegTrainConfig, names: Sequence[str]) -> pd.DataF
         rows.append({"architecture": name, **{f"dice_{r}": test[r]["mean"] for r in REGIONS},
                      "test_timepoints": test["whole"]["n"], "parameters": sum(
                          p.numel() for p in build_seg_network(architecture(name, len(cfg.modalities))).parameters()),
-                     "cpu_forward_s": forward_seconds(name, len(cfg.modalities)), "run_seconds": round(seconds, 1)})
+                     "run_seconds": round(seconds, 1)})
+    speed = forward_seconds(names, len(cfg.modalities))
+    for row in rows:
+        row["cpu_forward_s"] = speed[row["architecture"]]
     table = pd.DataFrame(rows)
     out = Path(cfg.out)
     write_text(table.to_csv(index=False), out / "comparison.csv")
     lines = [f"Same data ({', '.join(Path(d).resolve().name for d in cfg.data)}), folds, {cfg.epochs} epochs x "
              f"{cfg.steps or 'one pass'} steps of {cfg.batch_size} patches of {cfg.patch}^3, seed {cfg.seed}; "
              f"test Dice at native resolution; CPU forward of a 96x112x96 grid with {torch.get_num_threads()} "
-             "threads (median of 3, shared machine).\n",
+             "threads (median of 5, the architectures taking turns on a shared machine).\n",
              "| architecture | parameters | enhancing | necrotic | edema | core | whole | CPU forward s |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['architecture']} | {r['parameters']:,} | " + " | ".join(fmt(r[f'dice_{k}']) for k in REGIONS)
               + f" | {r['cpu_forward_s']:.2f} |" for r in rows]
+    score = table[["dice_enhancing", "dice_core", "dice_whole"]].mean(axis=1)
+    lines += ["", f"Best test Dice (mean of enhancing, core and whole tumour): "
+              f"{table['architecture'][score.idxmax()]}; fastest forward: "
+              f"{table['architecture'][table['cpu_forward_s'].idxmin()]}."]
     write_text("\n".join(lines) + "\n", out / "comparison.md")
     _say("\n".join(lines))
     return table
