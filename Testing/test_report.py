@@ -177,3 +177,78 @@ def test_report_finds_dicom_studies_by_their_recorded_folder(predicted, case_pai
     assert inputs.pair is not None and inputs.notes == []
     assert inputs.measured_from == "manual mask (DeepBraTumIA: seg_mask.nii.gz)"
     assert inputs.case_id == f"{case_pair.followup.parent.name}_{case_pair.baseline.name}_{case_pair.followup.name}"
+
+
+# ------------------------------------------------------------- the three opinions (issue 12)
+
+
+def _page_texts(monkeypatch) -> list[list[str]]:
+    """Every text each page of the next PDF holds, taken from the figures as they are saved."""
+    from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.text import Text
+
+    pages: list[list[str]] = []
+    save = PdfPages.savefig
+
+    def spy(self, figure=None, **kw):
+        pages.append([t.get_text() for t in figure.findobj(Text)])
+        return save(self, figure, **kw)
+
+    monkeypatch.setattr(PdfPages, "savefig", spy)
+    return pages
+
+
+def test_report_shows_network_measured_and_suggested(predicted, tmp_path, monkeypatch):
+    """A prediction with calibrated probabilities flagged uncertain and a suggestion: page 1's box
+    says all three, the suggestion marked; page 2 the network before calibration and what the
+    suggestion combined."""
+    pred_dir = tmp_path / "prediction"
+    shutil.copytree(predicted, pred_dir)
+    summary = json.loads((pred_dir / "prediction.json").read_text())
+    label = summary["label"]
+    p = summary["probabilities"][label]
+    summary.update(calibrated=True,
+                   uncertain={"flag": True, "why": "top probability below 0.99 (thresholds chosen on validation patients)"},
+                   suggested={"category": "PD", "probabilities": {"CR": 0.0, "PR": 0.1, "SD": 0.2, "PD": 0.7},
+                              "used": ["network probabilities (calibrated)", "measured RANO category (PD, automatic)"],
+                              "model": {"method": "multinomial-logistic-regression", "fitted_on": "validation pairs"}})
+    (pred_dir / "prediction.json").write_text(json.dumps(summary))
+    pages = _page_texts(monkeypatch)
+    write_report(pred_dir, tmp_path / "r.pdf")
+    first, second = ("\n".join(t) for t in pages)
+    assert f"Network: {label} (probability {p:.2f}, calibrated)  - bundle tiny-test" in first
+    assert "   UNCERTAIN: top probability below 0.99 (thresholds chosen on validation patients)" in first
+    assert "Suggested: PD (network + measured RANO)\n   a suggestion (probability 0.70): the reader decides" in first
+    assert "Network probabilities (calibrated)" in first
+    # measured here from the phantom's masks next to the studies (the report's own measurement)
+    inputs = gather(pred_dir)
+    assert f"Measured: RANO {inputs.rule.bidimensional}, RANO 2.0 {inputs.rule.volumetric}" in first
+    assert "Network calibration and the suggested category" in second
+    raw = summary["probabilities_uncalibrated"]
+    assert "- Network probabilities before calibration: " + ", ".join(f"{c} {v:.2f}" for c, v in raw.items()) in second
+    assert "- Combined from: network probabilities (calibrated); measured RANO category (PD, automatic)" in second
+
+
+def test_report_of_an_older_prediction_leaves_the_new_fields_out(predicted, tmp_path, monkeypatch):
+    pred_dir = tmp_path / "prediction"
+    shutil.copytree(predicted, pred_dir)
+    summary = json.loads((pred_dir / "prediction.json").read_text())
+    for key in ("calibrated", "uncertain", "suggested", "probabilities_uncalibrated", "measured", "explanations"):
+        summary.pop(key, None)
+    (pred_dir / "prediction.json").write_text(json.dumps(summary))
+    pages = _page_texts(monkeypatch)
+    assert pdf_pages(write_report(pred_dir, tmp_path / "old.pdf")) == 2
+    text = "\n".join(pages[0] + pages[1])
+    assert f"Network: {summary['label']} (probability {summary['probabilities'][summary['label']]:.2f})  -" in text
+    assert "Suggested" not in text and "UNCERTAIN" not in text and "calibrated" not in text
+    assert "Network probabilities" in pages[0]  # the bars' title, without "(calibrated)"
+
+
+def test_report_without_segmentation_says_why_there_is_no_suggestion(predicted, tmp_path, monkeypatch):
+    """predict --no-segmentation with a bundle without suggestion model: measured from the masks
+    next to the studies, no suggestion, and why."""
+    pages = _page_texts(monkeypatch)
+    write_report(predicted, tmp_path / "r.pdf")
+    first = "\n".join(pages[0])
+    assert "Suggested: none (needs the measured RANO category; predicted without segmentation)" in first
+    assert "(probability" in first and ", not calibrated)" in first

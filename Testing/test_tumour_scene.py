@@ -217,6 +217,33 @@ def test_the_results_panel_puts_the_network_beside_the_measurement(automatic, ne
     disagree = network != measured["category"] or network != measured["category_rano2"]
     assert ("DISAGREEMENT" in html) is disagree and ("#b00000" in html) is disagree
     assert f"<b>{measured['category']}</b>" in html and "automatic segmentation, bundle phantom-masks" in html
+    # the tiny bundle has neither calibration nor a suggestion model (prediction.json says so)
+    p = summary["probabilities"][network]
+    assert html.startswith(f"<b>Network: {network} (probability {p:.2f}, not calibrated)</b>")
+    assert "<b>Suggested: none (the bundle has no suggestion model)</b>" in html and "UNCERTAIN" not in html
+
+
+@pytest.mark.slow
+def test_the_results_panel_shows_the_suggestion_and_the_uncertain_flag_of_prediction_json(automatic, tmp_path):
+    """A predict folder whose prediction.json holds calibrated probabilities flagged uncertain and
+    a suggestion: the panel (read from the folder) shows all three opinions."""
+    out = tmp_path / "prediction"
+    shutil.copytree(automatic.out, out)
+    summary = json.loads((out / "prediction.json").read_text())
+    summary.update(calibrated=True, uncertain={"flag": True, "why": "top probability 0.30 (PD) is below 0.60"},
+                   suggested={"category": "PR", "probabilities": {"CR": 0.1, "PR": 0.6, "SD": 0.2, "PD": 0.1},
+                              "used": ["network probabilities (calibrated)", "measured RANO category (PD, automatic)"],
+                              "model": {}})
+    (out / "prediction.json").write_text(json.dumps(summary))
+    logic, _ = _panel(SimpleNamespace(out=out))
+    text = logic.result_text()
+    label = summary["label"]
+    assert f"<b>Network: {label} (probability {summary['probabilities'][label]:.2f}, calibrated)</b>" in text
+    assert "<b>UNCERTAIN: top probability 0.30 (PD) is below 0.60</b>" in text
+    assert ("<b>Suggested: PR (network + measured RANO)</b><br>a suggestion (probability 0.60): the reader decides"
+            in text)
+    assert text.index("Measured RANO 2.0") < text.index("Suggested: PR")
+    logic.clear_case()
 
 
 @pytest.mark.slow

@@ -149,6 +149,9 @@ def test_views_show_the_overlay_and_verdicts_are_saved(server, tmp_path):
         probs = _text(driver, "probabilities")
         assert re.search(r"CR: 0\.\d+", probs) and "PD:" in probs, probs
         model_label = re.search(r"Network: (\w+)", probs).group(1)
+        # the three opinions (review.opinions): measured here from the phantom's masks; the test
+        # bundle has no suggestion model
+        assert re.search(r"Measured: RANO \w+, RANO 2\.0 \w+", probs) and "Suggested: none (" in probs, probs
         assert _text(driver, "case-title").startswith("1/2")
         time.sleep(2)  # the views' frames arrive after the status text
         with_map = _views(driver)

@@ -21,7 +21,7 @@ The panel (the Slicer module's logic) and what runs behind it:
 - :mod:`.panel_state`       what the panel's sections share (parameters, shown result, node clean-up)
 - :mod:`.review_panel`      the panel's Review section (worklist, measurement, verdicts, case report)
 - :mod:`.course_panel`      the panel's Course section (run or load a timeline, show a timepoint)
-- :mod:`.panel_text`        the results text: the network's class beside the measured ones
+- :mod:`.panel_text`        the results text: the network's class, the measured ones, the suggested one
 - :mod:`.module_checks`     the module's self-test as functions (run by Slicer and by pytest)
 - :mod:`.runner`            Apply: scene nodes -> study folders -> predict child -> nodes
 - :mod:`.process`           the background child process (progress, cancel)

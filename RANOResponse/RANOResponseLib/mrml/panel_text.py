@@ -2,8 +2,9 @@
 
 * :class:`ClassComparison` / :func:`compare_classes`: the network's class beside the class
   measured from the segmentations, RANO and RANO 2.0, and whether they disagree;
-* :func:`result_html`: the results text (probabilities, input check, the comparison with a
-  disagreement in red).
+* :func:`result_html`: the results text: the three opinions (network, measured, the suggested
+  category; worded by :mod:`RANOResponseLib.review.opinions`), probabilities, input check, the
+  comparison with a disagreement in red.
 
 Light to import (the module file imports the panel's logic when Slicer starts): what measuring
 needs is imported where it is used.
@@ -61,11 +62,18 @@ def compare_classes(summary: Mapping[str, Any], assessment: Any = None) -> Class
 
 
 def result_html(summary: Mapping[str, Any], comparison: ClassComparison | None = None) -> str:
-    """The panel's result text: predicted class, model, each class's probability and spread, the
-    input guard's verdict with its reasons (e.g. "outside what the model was trained on"), and
-    with ``comparison`` the measured classes beside the network's, a disagreement in red."""
+    """The panel's result text: the three opinions (:mod:`RANOResponseLib.review.opinions`): the
+    network's class with "calibrated" and, in red, "uncertain" and why; each class's probability
+    and spread; with ``comparison`` the measured classes beside the network's, a disagreement in
+    red (else why there is no measurement); the suggested category, marked as the suggestion; and
+    the input guard's verdict with its reasons (e.g. "outside what the model was trained on")."""
     from html import escape
 
+    from RANOResponseLib.review.opinions import Measured, opinions
+
+    shown = Measured(comparison.rano, comparison.rano2, comparison.source) if comparison is not None else None
+    network, measured_op, *suggested = opinions(summary, shown)
+    uncertain = "".join(f"<p style='color:#b00000'><b>{escape(n)}</b></p>" for n in network.notes)
     spread = summary.get("ensemble_spread", {})
     rows = "".join(f"<tr><td>{c}</td><td align='right'>{v:.2f}</td>"
                    f"<td align='right'>± {spread.get(c, 0):.2f}</td></tr>"
@@ -74,7 +82,7 @@ def result_html(summary: Mapping[str, Any], comparison: ClassComparison | None =
     reasons = "".join(f"<li>{escape(r)}</li>" for r in check.get("reasons", []))
     verdict = (f"<p><b>Input check: {escape(check['verdict'])}</b>" + (f"<ul>{reasons}</ul>" if reasons else "")
                + "</p>") if check else ""
-    measured = ""
+    measured = "<p>" + "<br>".join(escape(t) for t in (measured_op.line, *measured_op.notes)) + "</p>"
     if comparison is not None:
         c = comparison
         cells = "".join(f"<td align='center'><b>{escape(v)}</b></td>" for v in (c.network, c.rano, c.rano2))
@@ -84,5 +92,8 @@ def result_html(summary: Mapping[str, Any], comparison: ClassComparison | None =
                     f"<th>Measured RANO 2.0</th></tr><tr>{cells}</tr></table>"
                     f"<p style='color:{colour}'><b>{escape(c.message())}</b></p>"
                     f"<p>Measured from {escape(c.source)}.{edited}</p>")
-    return (f"<b>Predicted: {summary['label']}</b> &nbsp; (model {summary['bundle']['id']})"
-            f"<table>{rows}</table>{measured}{verdict}<i>Research use only, not for clinical use.</i>")
+    suggestion = "".join(f"<p style='background-color:#e8eef8'><b>{escape(s.line)}</b>"
+                         + "".join(f"<br>{escape(n)}" for n in s.notes) + "</p>" for s in suggested)
+    return (f"<b>{escape(network.line)}</b> &nbsp; (model {escape(str(summary['bundle']['id']))})"
+            f"{uncertain}<table>{rows}</table>{measured}{suggestion}{verdict}"
+            "<i>Research use only, not for clinical use.</i>")

@@ -8,9 +8,12 @@ verdicts (a review database) and the bundle's model card. The study folders are 
 prediction's inputs description names (a DICOM series is recorded as its study folder).
 
 Page 1: both timepoints at the same axial level (the follow-up registered onto the baseline),
-lesion outlines and RANO diameters on CT1, Grad-CAM iso-contours on FLAIR, the class
-probabilities and the result box. Page 2: the measurements table, the rule-based category with
-its reasoning, the reviewers' verdicts and the model card summary.
+lesion outlines and RANO diameters on CT1, Grad-CAM iso-contours on FLAIR, the result box (the
+three opinions: network with "calibrated" and "uncertain", measured, the suggested category; worded
+by :mod:`.opinions`) and the network's probabilities. Page 2: the measurements table, the
+rule-based category with its reasoning, what lies behind the opinions (the network before
+calibration, the suggestion's probabilities, inputs and model), the reviewers' verdicts and the
+model card summary. Page 2's text shrinks (to 70 % at most) when it would run into the footer.
 
 Printed in black and white it stays readable: grey-scale images, outlines drawn as white lines
 on a black halo (visible on any grey), diameters solid (d1) and dashed (d2), Grad-CAM as dashed
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from RANOResponseLib import __version__
+from RANOResponseLib.review.opinions import opinion_lines, opinions
 # _Panel, _draw_panel, _halo, _oriented: the course report draws with them, imported from here
 from RANOResponseLib.review.report_images import (  # noqa: F401
     FONT,
@@ -68,6 +72,7 @@ def _header(fig: Any, inputs: ReportInputs, page: int) -> None:
 
 
 def _probabilities(fig: Any, inputs: ReportInputs, box: tuple[float, float, float, float]) -> None:
+    """The network's probabilities as hatched bars, its class marked."""
     probs = inputs.prediction["probabilities"]
     names = list(probs)
     vals = [float(probs[n]) for n in names]
@@ -80,24 +85,24 @@ def _probabilities(fig: Any, inputs: ReportInputs, box: tuple[float, float, floa
         if n == label:
             b.set_linewidth(3.0)
     for yy, v, n in zip(y, vals, names):
-        ax.text(min(v, 1.0) + 0.02, yy, f"{v * 100:.0f} %" + ("  <- model" if n == label else ""),
+        ax.text(min(v, 1.0) + 0.02, yy, f"{v * 100:.0f} %" + ("  <- network" if n == label else ""),
                 va="center", fontsize=FONT + 1, fontweight="bold" if n == label else "normal")
     ax.set_yticks(y, names, fontsize=FONT + 2)
     ax.set_xlim(0, 1.35)
     ax.set_xticks([0, 0.5, 1.0], ["0", "50 %", "100 %"], fontsize=FONT - 1)
     for s in ("top", "right"):
         ax.spines[s].set_visible(False)
-    ax.set_title("Model probabilities", fontsize=FONT + 2, loc="left")
+    calibrated = inputs.prediction.get("calibrated")
+    how = "" if calibrated is None else (" (calibrated)" if calibrated else " (not calibrated)")
+    ax.set_title(f"Network probabilities{how}", fontsize=FONT + 2, loc="left")
 
 
-def _result_box(fig: Any, inputs: ReportInputs, x: float, y: float) -> None:
+def result_lines(inputs: ReportInputs) -> list[str]:
+    """Page 1's result box: the three opinions (network, measured, suggested), whether network
+    and measurement agree, and the reviewers' verdicts."""
     pred = inputs.prediction
-    lines = [f"Network ({(pred.get('bundle') or {}).get('id', '?')}):  {pred['label']}"]
-    if inputs.rule is not None:
-        lines.append(f"Measured:  RANO {inputs.rule.bidimensional},  RANO 2.0 {inputs.rule.volumetric}")
-        lines.append(f"   from {inputs.measured_from}")
-    else:
-        lines.append("Measured:  not available (no segmentation)")
+    lines = opinion_lines(pred, inputs.shown_measurement())
+    lines[0] += f"  - bundle {(pred.get('bundle') or {}).get('id', '?')}"
     if inputs.comparison is not None:
         lines.append(f"Network and measured {inputs.rule.criteria}:  "
                      + ("AGREE" if inputs.comparison.agree else "DISAGREE - see page 2"))
@@ -106,8 +111,15 @@ def _result_box(fig: Any, inputs: ReportInputs, x: float, y: float) -> None:
         lines.append(f"Reviewer {v.reviewer}:  {v.label}  ({how}, confidence {v.confidence}/5)")
     if not inputs.verdicts:
         lines.append("Reviewer:  no verdict recorded")
-    fig.text(x, y, "\n".join(lines), fontsize=FONT + 1, va="top", linespacing=1.6,
-             bbox=dict(boxstyle="square,pad=0.6", facecolor="white", edgecolor="black", linewidth=1.5))
+    return lines
+
+
+def _result_box(fig: Any, inputs: ReportInputs, x: float, y: float) -> float:
+    """Draw the result box with its top at ``y``; returns its bottom (figure coordinates)."""
+    text = fig.text(x, y, _wrap("\n".join(result_lines(inputs)), 92), fontsize=FONT, va="top", linespacing=1.45,
+                    bbox=dict(boxstyle="square,pad=0.6", facecolor="white", edgecolor="black", linewidth=1.5))
+    extent = text.get_window_extent(fig.canvas.get_renderer())
+    return float(fig.transFigure.inverted().transform((0.0, extent.y0))[1]) - 0.012  # less the box's padding
 
 
 def _table(fig: Any, rows: list[dict], box: tuple[float, float, float, float]) -> None:
@@ -151,9 +163,10 @@ def render_report(inputs: ReportInputs, out: Path | str, png_prefix: Path | str 
     # page 1
     f1 = plt.figure(figsize=A4)
     _header(f1, inputs, 1)
-    _page_images(f1, inputs, (0.05, 0.36, 0.90, 0.52))
-    _result_box(f1, inputs, 0.06, 0.315)
-    _probabilities(f1, inputs, (0.14, 0.04, 0.62, 0.15))
+    _page_images(f1, inputs, (0.05, 0.385, 0.90, 0.495))
+    bottom = _result_box(f1, inputs, 0.06, 0.34)
+    # the bars fill what the box leaves (their title and tick labels need about 0.055)
+    _probabilities(f1, inputs, (0.14, 0.035, 0.62, float(np.clip(bottom - 0.035 - 0.045, 0.07, 0.15))))
     figs.append(f1)
 
     # page 2
@@ -185,6 +198,9 @@ def render_report(inputs: ReportInputs, out: Path | str, png_prefix: Path | str 
                        [f"- {r}" for r in inputs.rule.reasoning]))
     if inputs.comparison is not None:
         blocks.append(("Model vs rules", [inputs.comparison.message]))
+    details = [f"- {d}" for o in opinions(inputs.prediction, inputs.shown_measurement()) for d in o.details]
+    if details:  # page 1 says the three opinions; here what lies behind them
+        blocks.append(("Network calibration and the suggested category", details))
     verdict_lines = []
     for v in inputs.verdicts:
         how = "agrees with the model" if v.agree else ("overrides the model" if v.agree is not None else "no model shown")
@@ -196,11 +212,18 @@ def render_report(inputs: ReportInputs, out: Path | str, png_prefix: Path | str 
     blocks.append(("Model card", inputs.model_card))
     if inputs.notes:
         blocks.append(("Notes", inputs.notes))
+    # the blocks fill the page down to the footer: a long model card or reasoning makes the text smaller
+    # (wrapped wider), down to 70 %
+    def height(scale: float) -> float:
+        return sum(0.04 + 0.0155 * scale * (1 + "\n".join(_wrap(t, int(98 / scale)) for t in lines).count("\n"))
+                   for _, lines in blocks)
+
+    scale = next((s for s in np.arange(1.0, 0.7, -0.05) if height(s) <= y - 0.035), 0.7)
     for title, lines in blocks:
         f2.text(0.05, y, title, fontsize=FONT + 2, fontweight="bold", va="top")
-        body = "\n".join(_wrap(t, 98) for t in lines)
-        f2.text(0.05, y - 0.022, body, fontsize=FONT - 1, va="top", linespacing=1.35)
-        y -= 0.022 + 0.0155 * (body.count("\n") + 1) + 0.018
+        body = "\n".join(_wrap(t, int(98 / scale)) for t in lines)
+        f2.text(0.05, y - 0.022, body, fontsize=(FONT - 1) * scale, va="top", linespacing=1.35)
+        y -= 0.022 + 0.0155 * scale * (body.count("\n") + 1) + 0.018
     f2.text(0.05, 0.015, f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by rano-response "
             f"{__version__} from {inputs.prediction_dir}", fontsize=FONT - 3, va="bottom")
     figs.append(f2)

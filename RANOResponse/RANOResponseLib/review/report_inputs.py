@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.outputs import SEGMENTATION_FILES, prediction_studies, read_prediction
 from RANOResponseLib.rano.measurement import PairMeasurement
+from RANOResponseLib.review.opinions import Measured
 
 
 @dataclass
@@ -38,6 +39,12 @@ class ReportInputs:
     case_id: str = ""
     measured_from: str = ""  # "automatic segmentation, bundle ..." or "manual mask (...)": see measurement_source
 
+    def shown_measurement(self) -> Measured | None:
+        """The measured categories the report shows (a manual mask, measurements.json or
+        predict's own segmentation), for :mod:`.opinions`; None without a measurement."""
+        if self.rule is None:
+            return None
+        return Measured(self.rule.bidimensional, self.rule.volumetric, self.measured_from)
 
 
 def model_card_summary(bundle_dir: Path | str, max_items: int = 9) -> list[str]:

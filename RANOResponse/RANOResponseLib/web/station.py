@@ -3,7 +3,8 @@
 Started by the router (:mod:`.router`), one process per browser session, listening on 127.0.0.1.
 The page shows the worklist with each case's status, four of Slicer's slice views (baseline and
 follow-up CT1 and FLAIR, the follow-up under the registration) with the Grad-CAM or saliency map
-over them, the brain mask as a segmentation, the probabilities, the rule-based RANO category with
+over them, the brain mask as a segmentation, the network's, the measured and the suggested category
+(:mod:`RANOResponseLib.review.opinions`) and the probabilities, the rule-based RANO category with
 its lesion table (when segmentations are present) and the model card; the reviewer saves agree or
 override verdicts into the shared review store. Cases without a prediction are predicted by the
 router's service (models loaded once there); the page shows the progress.
@@ -103,6 +104,7 @@ class Station:
             "map_kind": "gradcam", "opacity": 0.5, "slice_offset": 0.0, "slice_range": [0.0, 1.0],
             "progress": 0.0, "rule": "", "lesions": [], "model_card": [], "classes": list(CLASS_NAMES),
             "confidences": list(range(CONFIDENCE_RANGE[0], CONFIDENCE_RANGE[1] + 1)), "model_label": "",
+            "opinions": [],
         })
         ctrl.save, ctrl.next_case, ctrl.previous_case = self.save, self.next_case, self.previous_case
         ctrl.first_unreviewed, ctrl.open_case = self.first_unreviewed, self.open_case
@@ -123,7 +125,9 @@ class Station:
                             html.Button("Next", id="next", click=ctrl.next_case)
                             html.Button("First unreviewed", id="first-unreviewed", click=ctrl.first_unreviewed)
                         with html.Div(id="probabilities"):
-                            html.Div("Network: {{ model_label || 'no prediction yet' }}")
+                            html.Div("no prediction yet", v_show="!opinions.length")
+                            # network (calibrated, uncertain), measured, suggested: review.opinions
+                            html.Div("{{ o.text }}", v_for="o in opinions", key="o.key", style="white-space: pre-wrap;")
                             html.Div("{{ p.name }}: {{ p.value }}", v_for="p in probabilities", key="p.name")
                         html.Div("{{ rule }}", id="rule")
                         with html.Table(v_show="lesions.length", style="font-size: 12px;"):
@@ -213,7 +217,7 @@ class Station:
         case = self.cases[self.index]
         state = self.server.state
         state.case_title = f"{self.index + 1}/{len(self.cases)}  {case.case_id}"
-        state.update({"probabilities": [], "model_label": "", "rule": "", "lesions": [],
+        state.update({"probabilities": [], "model_label": "", "rule": "", "lesions": [], "opinions": [],
                       "agree": False, "note": "", "progress": 0.0})
         self.summary = None
         self._clear_case()
@@ -260,6 +264,7 @@ class Station:
     def _show(self, folder: Path) -> None:
         """Load a predict output folder into the scene and fill the page's panels."""
         from RANOResponseLib.mrml.scene import load_outputs, peak_ras
+        from RANOResponseLib.review.opinions import opinion_lines
         from RANOResponseLib.review.report import gather
 
         self._nodes = load_outputs(self.app.scene, folder)
@@ -269,6 +274,7 @@ class Station:
         state = self.server.state
         state.model_label = pred["label"]
         state.probabilities = [{"name": c, "value": f"{p:.3f}"} for c, p in pred["probabilities"].items()]
+        state.opinions = [{"key": i, "text": t} for i, t in enumerate(opinion_lines(pred, info.shown_measurement()))]
         session = self._session()
         if session is None or session.verdict() is None:  # no verdict of this reviewer: start from the network's
             state.override_class = pred["label"]

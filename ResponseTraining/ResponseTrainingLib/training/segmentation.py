@@ -202,9 +202,8 @@ def train_fold(cfg: SegTrainConfig, fold: int, train: list[dict], val: list[dict
         for stale in ("checkpoint.pt", "best.pt", "history.csv", "fold.json"):
             (fold_dir / stale).unlink(missing_ok=True)
     voxel_ml = cfg.spacing ** 3 / 1000.0
-    samples = 1
     steps = cfg.steps or max(1, len(train) // cfg.batch_size)
-    transforms = train_transforms(cfg.patch, samples)
+    transforms = train_transforms(cfg.patch, samples=1)
     model.train()
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()

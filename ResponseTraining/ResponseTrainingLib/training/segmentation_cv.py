@@ -29,6 +29,7 @@ from RANOResponseLib.core.files import write_text
 from RANOResponseLib.core.names import LABEL_NAMES, MODALITIES
 from RANOResponseLib.imaging.io import read_image, read_study
 from RANOResponseLib.inference.inputs import find_brain
+from RANOResponseLib.model.device import resolve_device
 from RANOResponseLib.model.segmentation import SegBundle, build_seg_network, write_seg_bundle
 from tqdm import tqdm
 
@@ -185,8 +186,7 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cpu" if cfg.device in ("auto", "cpu") and not torch.cuda.is_available()
-                          else ("cuda" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     cases = find_seg_cases(cfg.data, cfg.modalities)
     unseen = find_seg_cases(cfg.unseen, cfg.modalities) if cfg.unseen else []
     groups = np.array([c.group for c in cases])
