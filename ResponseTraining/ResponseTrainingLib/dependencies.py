@@ -10,9 +10,7 @@ from RANOResponseLib.mrml.dependencies import RUNTIME, Dependency
 
 # imported by ResponseTrainingLib, not by the clinical runtime
 TRAINING_ONLY: tuple[Dependency, ...] = (
-    Dependency("monai", "monai>=1.5,<1.7"),  # CacheDataset and the augmentation transforms
     Dependency("sklearn", "scikit-learn>=1.5,<2"),  # folds, hybrid classifiers, metrics
-    Dependency("tqdm", "tqdm>=4.66,<5"),  # progress bars of preprocessing and epochs
 )
 TRAINING: tuple[Dependency, ...] = RUNTIME + TRAINING_ONLY
 # the module's self-test trains on a phantom cohort, whose generator reads nilearn's template

@@ -78,6 +78,7 @@ class PairResult:
     measured: dict | None = None  # prediction.json's "measured" block (None: not segmented)
     pair_measurement: PairMeasurement | None = None  # the lesions of both timepoints, matched
     explanations: dict | None = None  # maps vs tumour + edema (inference.explanations; needs maps and segmentations)
+    segmentation_skipped: str | None = None  # why the default segmentation did not run (a study lacks its sequences)
 
     @property
     def label(self) -> str:
@@ -134,6 +135,7 @@ class PairResult:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "map_scale": self.prediction.raw_max,
             "measured": self.measured,
+            **({"segmentation_skipped": self.segmentation_skipped} if self.segmentation_skipped else {}),
             "rano_response_version": __version__,
             "note": "Research software, not for clinical use.",
         }
@@ -224,8 +226,19 @@ def predict_pair(
 
     t = time.perf_counter()
     check_distinct_studies(_folder(baseline), _folder(followup))
-    base = _as_study(baseline, bundle, series, series_rules, seg)
-    fu = _as_study(followup, bundle, series, series_rules, seg)
+    skipped = None
+    try:
+        base = _as_study(baseline, bundle, series, series_rules, seg)
+        fu = _as_study(followup, bundle, series, series_rules, seg)
+    except RANOInputError as e:
+        if seg is None or seg_bundle is not None:
+            raise
+        # The default segmentation needs sequences the classifier does not: a study without them
+        # still gets the network's answer (a study lacking the classifier's own is refused below).
+        base = _as_study(baseline, bundle, series, series_rules)
+        fu = _as_study(followup, bundle, series, series_rules)
+        seg, skipped = None, f"segmentation skipped: {e}"
+        (notice or (lambda msg: None))(skipped)
     check_pair(base, fu, allow_different)
     models = _load_models_cached(bundle, dev)
     timings["read"] = time.perf_counter() - t
@@ -255,6 +268,7 @@ def predict_pair(
     roi = None if roi_center is None else tuple(float(v) for v in roi_center)
     result = PairResult(bundle, str(dev), inputs.baseline, inputs.followup, inputs.registration, prepared,  # type: ignore[arg-type]
                         pred, maps, timings, roi, inputs.brains, inputs.description, input_check)
+    result.segmentation_skipped = skipped
     if seg is not None:
         _segment_and_measure(result, seg, dev)
         stage("segmented")

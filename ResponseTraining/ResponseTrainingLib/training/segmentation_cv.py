@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ResponseTrainingLib.analysis.segmentation_metrics import (
     REGIONS,
     dice_summary,
+    missed_cases,
     plot_dice_per_fold,
     plot_seg_curves,
     region_dice,
@@ -106,6 +107,17 @@ def _dice_table(summary: dict[str, dict[str, float]]) -> str:
                           for r, s in summary.items())
 
 
+def _missed_line(metrics: dict[str, Any]) -> str:
+    parts = [f"{m['n']} of {m['of']} {name} timepoints (largest {m['max_true_ml']:.2f} ml)"
+             for name, m in (("test", metrics.get("test_missed")), ("unseen", metrics.get("unseen_missed")))
+             if m and m["n"]]
+    if not parts:
+        return ""
+    return ("Whole tumour missed entirely (Dice 0) on " + " and ".join(parts) + ": small residues, such as "
+            "what remains after a complete response, can be lost at the model's grid spacing; they pull the "
+            "core and whole-tumour means down.\n")
+
+
 def _train_time(metrics: dict[str, Any]) -> str:
     seconds = [r.get("train_seconds") for r in metrics["folds"]]
     if any(s is None for s in seconds):
@@ -153,6 +165,7 @@ def model_card(cfg: SegTrainConfig, prov: dict[str, Any], metrics: dict[str, Any
         parts += ["## Architecture comparison\n", metrics["comparison"].strip() + "\n"]
     parts += [
         "## Limitations\n",
+        _missed_line(metrics),
         "Not for clinical use. Trained on synthetic phantoms only: not validated on patients' scans. "
         "Regions are defined as the phantom generator draws them; real enhancing rims, blood products, "
         "post-radiation change and scanner artefacts are not represented. A mean Dice hides per-case "
@@ -242,13 +255,15 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     if cfg.export == "best":
         members = [max(records, key=lambda r: r["best_val_score"])["fold"]]
     min_ml = float(np.median([r["min_lesion_ml"] for r in records if r["fold"] in members]))
-    metrics: dict[str, Any] = {"test": dice_summary(metrics_table), "folds": records, "members": members,
+    metrics: dict[str, Any] = {"test": dice_summary(metrics_table), "test_missed": missed_cases(metrics_table),
+                               "folds": records, "members": members,
                                "min_lesion_ml": min_ml, "export": cfg.export}
     if unseen:
         ensemble = [models[k] for k in members]
         u = score_cases(unseen, _bundle(cfg, out, min_ml), ensemble, device, "unseen", cfg.progress)
         write_text(u.to_csv(index=False), out / "unseen.csv")
         metrics["unseen"] = dice_summary(u)
+        metrics["unseen_missed"] = missed_cases(u)
         metrics["unseen_data"] = [Path(d).resolve().name for d in cfg.unseen]
         metrics["unseen_seconds_mean"] = float(u["seconds"].mean())
     if cfg.comparison:
