@@ -81,17 +81,23 @@ def sha256(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def shipped_or_env(env_name: str, bundle_id: str) -> Path:
+    """The folder named by the environment variable ``env_name``, else the bundle ``bundle_id``
+    shipped in the extension's Resources/Models (the one rule for classifier and segmentation bundles)."""
+    env = os.environ.get(env_name)
+    return Path(env) if env else find_resource("Models", bundle_id)
+
+
 def default_bundle_path() -> Path:
     """``$RANO_RESPONSE_BUNDLE``, else the bundle shipped in the extension's Resources/Models."""
-    env = os.environ.get(BUNDLE_ENV)
-    if env:
-        return Path(env)
-    return find_resource("Models", DEFAULT_BUNDLE_ID)
+    return shipped_or_env(BUNDLE_ENV, DEFAULT_BUNDLE_ID)
 
 
-def _require(cond: bool, where: Path, msg: str) -> None:
+def require(cond: bool, where: Path, msg: str) -> None:
+    """Raise :class:`BundleError` ``"<where>: <msg>"`` unless ``cond`` (bundle validation)."""
     if not cond:
         raise BundleError(f"{where}: {msg}")
+
 
 
 def read_bundle(path: Path | str | None = None) -> Bundle:
@@ -99,60 +105,60 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
     path = Path(path) if path else default_bundle_path()
     meta_file = path / "bundle.json" if path.is_dir() else path
     root = meta_file.parent
-    _require(meta_file.is_file(), meta_file, "model bundle not found (no bundle.json)")
+    require(meta_file.is_file(), meta_file, "model bundle not found (no bundle.json)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 decoding errors
         raise BundleError(f"{meta_file}: not valid JSON ({e})") from None
-    _require(isinstance(meta, dict), meta_file, "top level must be an object")
-    _require(meta.get("format") == FORMAT, meta_file, f"'format' must be {FORMAT!r}")
-    _require(meta.get("format_version") == FORMAT_VERSION, meta_file,
+    require(isinstance(meta, dict), meta_file, "top level must be an object")
+    require(meta.get("format") == FORMAT, meta_file, f"'format' must be {FORMAT!r}")
+    require(meta.get("format_version") == FORMAT_VERSION, meta_file,
              f"unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
     for key in ("id", "architecture", "modalities", "channels", "class_names", "spacing_mm",
                 "input_size", "normalization", "gradcam_layer", "weights"):
-        _require(key in meta, meta_file, f"missing key '{key}'")
+        require(key in meta, meta_file, f"missing key '{key}'")
 
     modalities = tuple(meta["modalities"])
-    _require(len(modalities) > 0 and set(modalities) <= set(MODALITIES) and len(set(modalities)) == len(modalities),
+    require(len(modalities) > 0 and set(modalities) <= set(MODALITIES) and len(set(modalities)) == len(modalities),
              meta_file, f"modalities {list(modalities)} must be distinct names from {list(MODALITIES)}")
     try:
         channels = tuple(Channel.parse(c) for c in meta["channels"])
     except (ValueError, TypeError, AttributeError) as e:
         raise BundleError(f"{meta_file}: {e}") from None
-    _require({c.modality for c in channels} == set(modalities), meta_file,
+    require({c.modality for c in channels} == set(modalities), meta_file,
              "channels must use exactly the declared modalities")
     class_names = tuple(meta["class_names"])
-    _require(len(class_names) >= 2 and len(set(class_names)) == len(class_names), meta_file,
+    require(len(class_names) >= 2 and len(set(class_names)) == len(class_names), meta_file,
              "class_names must be at least two distinct names")
     spacing, size = meta["spacing_mm"], meta["input_size"]
-    _require(isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in spacing),
+    require(isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in spacing),
              meta_file, "spacing_mm must be three positive numbers (x, y, z)")
-    _require(isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s >= 16 for s in size),
+    require(isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s >= 16 for s in size),
              meta_file, "input_size must be three integers >= 16 (x, y, z)")
     norm = meta["normalization"]
-    _require(isinstance(norm, dict) and norm.get("method") in NORMALIZATIONS, meta_file,
+    require(isinstance(norm, dict) and norm.get("method") in NORMALIZATIONS, meta_file,
              f"normalization.method must be one of {list(NORMALIZATIONS)}")
     stats = meta.get("input_statistics")
-    _require(stats is None or (isinstance(stats, dict) and isinstance(stats.get("version"), int)), meta_file,
+    require(stats is None or (isinstance(stats, dict) and isinstance(stats.get("version"), int)), meta_file,
              "input_statistics must be an object with an integer 'version'")
     arch = meta["architecture"]
-    _require(isinstance(arch, dict) and isinstance(arch.get("args"), dict), meta_file,
+    require(isinstance(arch, dict) and isinstance(arch.get("args"), dict), meta_file,
              "architecture must be an object with 'name' and 'args'")
     from RANOResponseLib.model.networks import ARCHITECTURES
 
-    _require(arch.get("name") in ARCHITECTURES, meta_file,
+    require(arch.get("name") in ARCHITECTURES, meta_file,
              f"unknown architecture {arch.get('name')!r} (known: {', '.join(ARCHITECTURES)})")
     args = arch["args"]
-    _require(args.get("in_channels") == len(channels), meta_file,
+    require(args.get("in_channels") == len(channels), meta_file,
              f"architecture in_channels {args.get('in_channels')} != {len(channels)} declared channels")
-    _require(args.get("out_channels") == len(class_names), meta_file,
+    require(args.get("out_channels") == len(class_names), meta_file,
              f"architecture out_channels {args.get('out_channels')} != {len(class_names)} class names")
     weights = meta["weights"]
-    _require(isinstance(weights, list) and len(weights) > 0, meta_file, "weights must be a non-empty list")
+    require(isinstance(weights, list) and len(weights) > 0, meta_file, "weights must be a non-empty list")
     for w in weights:
-        _require(isinstance(w, dict) and "file" in w and "sha256" in w, meta_file,
+        require(isinstance(w, dict) and "file" in w and "sha256" in w, meta_file,
                  "each weights entry needs 'file' and 'sha256'")
-        _require((root / w["file"]).is_file(), root / w["file"], "weights file missing")
+        require((root / w["file"]).is_file(), root / w["file"], "weights file missing")
     if meta.get("calibration") is not None:
         _check_calibration(meta["calibration"], len(weights), meta_file)
     if meta.get("suggestion") is not None:
@@ -185,17 +191,17 @@ def _number(v: Any) -> bool:
 def _check_calibration(cal: Any, members: int, where: Path) -> None:
     """``calibration``: ``{"method": "temperature", "temperatures": [one > 0 per weights entry],
     "uncertain": {"top_probability_below": p in [0, 1], "spread_above": s >= 0 or null, "chosen_on": ...}}``."""
-    _require(isinstance(cal, dict) and cal.get("method") == "temperature", where,
+    require(isinstance(cal, dict) and cal.get("method") == "temperature", where,
              "calibration must be an object with method 'temperature'")
     temps = cal.get("temperatures")
-    _require(isinstance(temps, list) and len(temps) == members and all(_number(t) and t > 0 for t in temps),
+    require(isinstance(temps, list) and len(temps) == members and all(_number(t) and t > 0 for t in temps),
              where, f"calibration.temperatures must be {members} positive numbers (one per weights entry)")
     unc = cal.get("uncertain")
     if unc is not None:
-        _require(isinstance(unc, dict), where, "calibration.uncertain must be an object")
+        require(isinstance(unc, dict), where, "calibration.uncertain must be an object")
         top, spread = unc.get("top_probability_below"), unc.get("spread_above")
-        _require(_number(top) and 0 <= top <= 1, where, "calibration.uncertain.top_probability_below must be in [0, 1]")
-        _require(spread is None or (_number(spread) and spread >= 0), where,
+        require(_number(top) and 0 <= top <= 1, where, "calibration.uncertain.top_probability_below must be in [0, 1]")
+        require(spread is None or (_number(spread) and spread >= 0), where,
                  "calibration.uncertain.spread_above must be a number >= 0 or null")
 
 
@@ -203,24 +209,24 @@ def _check_suggestion(sug: Any, class_names: Sequence[str], where: Path) -> None
     """``suggestion``: a multinomial logistic regression on named features as numbers: ``classes``
     (the bundle's class names), ``features``, ``impute``/``mean``/``scale`` per feature, ``coef``
     (classes x features) and ``intercept`` (per class)."""
-    _require(isinstance(sug, dict) and sug.get("method") == "multinomial-logistic-regression", where,
+    require(isinstance(sug, dict) and sug.get("method") == "multinomial-logistic-regression", where,
              "suggestion must be an object with method 'multinomial-logistic-regression'")
-    _require(list(sug.get("classes", [])) == list(class_names), where,
+    require(list(sug.get("classes", [])) == list(class_names), where,
              f"suggestion.classes must be the bundle's class names {list(class_names)}")
     feats = sug.get("features")
-    _require(isinstance(feats, list) and len(feats) > 0 and all(isinstance(f, str) for f in feats), where,
+    require(isinstance(feats, list) and len(feats) > 0 and all(isinstance(f, str) for f in feats), where,
              "suggestion.features must be a non-empty list of names")
     n = len(feats)
     for key in ("impute", "mean", "scale"):
         v = sug.get(key)
-        _require(isinstance(v, list) and len(v) == n and all(_number(x) for x in v), where,
+        require(isinstance(v, list) and len(v) == n and all(_number(x) for x in v), where,
                  f"suggestion.{key} must be {n} numbers (one per feature)")
-    _require(all(x > 0 for x in sug["scale"]), where, "suggestion.scale must be positive")
+    require(all(x > 0 for x in sug["scale"]), where, "suggestion.scale must be positive")
     coef, icpt = sug.get("coef"), sug.get("intercept")
-    _require(isinstance(coef, list) and len(coef) == len(class_names)
+    require(isinstance(coef, list) and len(coef) == len(class_names)
              and all(isinstance(r, list) and len(r) == n and all(_number(x) for x in r) for r in coef), where,
              f"suggestion.coef must be {len(class_names)} rows of {n} numbers")
-    _require(isinstance(icpt, list) and len(icpt) == len(class_names) and all(_number(x) for x in icpt), where,
+    require(isinstance(icpt, list) and len(icpt) == len(class_names) and all(_number(x) for x in icpt), where,
              f"suggestion.intercept must be {len(class_names)} numbers")
 
 
@@ -249,7 +255,7 @@ def bundle_modalities(path: Path | str | None = None) -> tuple[str, ...]:
         modalities = json.loads(meta_file.read_text(encoding="utf-8"))["modalities"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{meta_file}: no readable 'modalities' ({e})") from None
-    _require(isinstance(modalities, list) and len(modalities) > 0 and set(modalities) <= set(MODALITIES)
+    require(isinstance(modalities, list) and len(modalities) > 0 and set(modalities) <= set(MODALITIES)
              and len(set(modalities)) == len(modalities), meta_file,
              f"modalities {modalities!r} must be distinct names from {list(MODALITIES)}")
     _MODALITIES_CACHE[key] = (mtime, tuple(modalities))
@@ -284,7 +290,7 @@ def load_models(bundle: Bundle, device: "Any" = "cpu") -> list["Any"]:
             first = str(e).strip().splitlines()[0:2]
             raise BundleError(f"{f}: weights do not fit the declared architecture ({' '.join(first)})") from None
         models.append(net.to(device).eval())
-    _require(
+    require(
         gradcam_layer_exists(models[0], bundle.gradcam_layer), bundle.path / "bundle.json",
         f"gradcam_layer {bundle.gradcam_layer!r} is not a module of the network",
     )

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -47,9 +46,9 @@ from typing import Any, Callable, Mapping, Sequence
 from RANOResponseLib.core.errors import BundleError
 from RANOResponseLib.core.files import atomic_output_dir
 from RANOResponseLib.core.names import LABEL_NAMES, MODALITIES
-from RANOResponseLib.core.resources import find_resource
 from RANOResponseLib.imaging.preprocessing import NORMALIZATIONS
-from RANOResponseLib.model.bundle import sha256
+from RANOResponseLib.model.bundle import require as _require
+from RANOResponseLib.model.bundle import sha256, shipped_or_env
 
 SEG_FORMAT = "rano-response-segmentation-bundle"
 SEG_FORMAT_VERSION = 1
@@ -121,15 +120,7 @@ class SegBundle:
 
 def default_seg_bundle_path() -> Path:
     """``$RANO_RESPONSE_SEG_BUNDLE``, else the segmentation bundle shipped in Resources/Models."""
-    env = os.environ.get(SEG_BUNDLE_ENV)
-    if env:
-        return Path(env)
-    return find_resource("Models", DEFAULT_SEG_BUNDLE_ID)
-
-
-def _require(cond: bool, where: Path, msg: str) -> None:
-    if not cond:
-        raise BundleError(f"{where}: {msg}")
+    return shipped_or_env(SEG_BUNDLE_ENV, DEFAULT_SEG_BUNDLE_ID)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
