@@ -313,7 +313,7 @@ def test_phantom_command_writes_the_clinical_versions(tmp_path, capsys):
 def stripped_predictions(cohort):
     root = cohort[0]
     predictions = {p: predict_pair(root / "Imaging" / p / a, root / "Imaging" / p / b, attributions=False,
-                                   notice=lambda _m: None) for p, a, b in PAIRS}
+                                   segmentation=False, notice=lambda _m: None) for p, a, b in PAIRS}
     for patient, result in predictions.items():
         top, second = sorted(result.probabilities.values())[-1:-3:-1]
         assert top - second >= MIN_MARGIN, f"{patient} is a near-tie for this bundle ({result.probabilities}): " \
@@ -328,7 +328,7 @@ def test_clinical_versions_get_the_stripped_originals_answer(variant, cohort, st
     for patient, base, follow in PAIRS:
         ref = stripped_predictions[patient]
         got = predict_pair(root / "clinical" / variant / patient / base, root / "clinical" / variant / patient / follow,
-                           attributions=False, notice=lambda _m: None)
+                           attributions=False, segmentation=False, notice=lambda _m: None)
         l1 = sum(abs(got.probabilities[c] - ref.probabilities[c]) for c in ref.probabilities)
         report.append(f"{patient} {variant}: {got.label} vs stripped {ref.label}, L1 {l1:.3f}")
         print(report[-1])

@@ -67,3 +67,15 @@ def test_cmake_ships_the_default_model_bundle():
     listed = set(re.findall(r"\.\./Resources/Models/\$\{MODEL_BUNDLE_ID\}/(\S+)", cmake))
     on_disk = {p.name for p in default_bundle_path().iterdir() if p.is_file()}
     assert listed == on_disk, f"bundle files listed {sorted(listed)} vs on disk {sorted(on_disk)}"
+
+
+def test_cmake_ships_the_default_segmentation_bundle():
+    """The installed module must carry the segmentation bundle predict uses by default, every file of it."""
+    from RANOResponseLib.model.segmentation import DEFAULT_SEG_BUNDLE_ID, default_seg_bundle_path
+
+    cmake = (ROOT / "RANOResponse" / "CMakeLists.txt").read_text(encoding="utf-8")
+    bundle_id = re.search(r"set\(SEG_BUNDLE_ID\s+(\S+)\)", cmake).group(1)
+    assert bundle_id == DEFAULT_SEG_BUNDLE_ID
+    listed = set(re.findall(r"\.\./Resources/Models/\$\{SEG_BUNDLE_ID\}/(\S+)", cmake))
+    on_disk = {p.name for p in default_seg_bundle_path().iterdir() if p.is_file()}
+    assert listed == on_disk, f"segmentation bundle files listed {sorted(listed)} vs on disk {sorted(on_disk)}"
