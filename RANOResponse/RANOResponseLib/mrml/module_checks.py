@@ -115,6 +115,9 @@ def check_sample_course(logic: Any, p: Any, folder: Path | str) -> str:
     shown = logic.scene.GetNodeByID(composite.GetBackgroundVolumeID())
     modality = rows[1]["reference_modality"]
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(sample.followup / f"{modality}.nii.gz"), sitk.sitkFloat32))
-    _expect(np.array_equal(sitk.GetArrayViewFromImage(node_to_image(shown)), expected),
-            f"the timepoint view does not show the follow-up's {modality}")
+    got = sitk.GetArrayFromImage(node_to_image(shown))
+    _expect(got.shape == expected.shape and np.array_equal(got, expected),
+            f"the timepoint view does not show the follow-up's {modality} ({shown.GetName()}: shape {got.shape} "
+            f"vs {expected.shape}, max difference "
+            f"{float(np.abs(got - expected).max()) if got.shape == expected.shape else 'n/a'})")
     return text

@@ -130,10 +130,16 @@ def run_pairs(pairs: Sequence[Pair], bundle_path: Path, out: Path, devices: Sequ
         print(f"evaluate: {len(records)} pairs finished earlier, {len(todo)} to run", file=sys.stderr, flush=True)
     bar = tqdm(total=len(todo), desc="evaluate", unit="pair", file=sys.stderr)
     if workers <= 1:
-        _init_worker(str(bundle_path), devices, multiprocessing.Value("i", 0), threads, options)
-        for pair in todo:
-            records[pair.id] = _run_pair(pair, str(folder / f"{pair.id}.json"))
-            bar.update()
+        import torch
+
+        before = torch.get_num_threads()  # in this process: --threads must not outlive the evaluation
+        try:
+            _init_worker(str(bundle_path), devices, multiprocessing.Value("i", 0), threads, options)
+            for pair in todo:
+                records[pair.id] = _run_pair(pair, str(folder / f"{pair.id}.json"))
+                bar.update()
+        finally:
+            torch.set_num_threads(before)
     else:
         ctx = multiprocessing.get_context("spawn")  # no forked torch state in the workers
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,

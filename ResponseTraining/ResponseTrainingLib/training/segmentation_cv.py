@@ -195,7 +195,17 @@ def _provenance(cfg: SegTrainConfig, cases: list[SegCase], scheme: str, steps: i
 
 
 def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
-    """Run ``cfg`` (see the module docstring); return the summary written to ``summary.json``."""
+    """Run ``cfg`` (see the module docstring); return the summary written to ``summary.json``.
+    torch's CPU thread count is restored afterwards (``--threads`` must not outlive the run in a
+    long-lived process such as Slicer or a test session)."""
+    threads = torch.get_num_threads()
+    try:
+        return _train_segmentation(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
