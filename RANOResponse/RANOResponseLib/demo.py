@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from RANOResponseLib.core.errors import RANOInputError
+from RANOResponseLib.review.opinions import opinion_lines
 
 # The clinical-style versions of the demo pair: baseline, follow-up (RANOResponseLib.phantom.clinical).
 CLINICAL_DEMO_VARIANTS = ("head", "dicom")
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Predicted RANO response: {result.label}   (phantom ground truth: {truth['rating_written']})")
     for c, v in result.probabilities.items():
         print(f"  {c:3s} {v:6.3f}  {'#' * int(round(v * 40))}")
+    for line in opinion_lines(result.summary()):  # network, measured, suggested
+        print(line)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items() if k != "total")
     print(f"model {result.bundle.id} on {result.device}; {stages}")
     for timepoint, brain in result.brains.items():
