@@ -30,6 +30,7 @@ from RANOResponseLib import __version__
 from RANOResponseLib.core.names import LABEL_CORE, LABEL_EDEMA, LABEL_ENHANCING
 from RANOResponseLib.rano.course import NOT_ASSESSED
 from RANOResponseLib.review.report import A4, FONT, _draw_panel, _halo, _oriented, _Panel, _wrap
+from RANOResponseLib.review.report_images import draw_table
 
 MARK = {"yes": " \u2713", "pending": " ?", "no": " \u2717", "": ""}  # check mark, question mark, cross
 LABEL_STYLES = {LABEL_ENHANCING: ("-", "enhancing"), LABEL_CORE: ("--", "necrotic / non-enhancing"),
@@ -142,16 +143,8 @@ def _summary_table(fig: Any, doc: dict, box: tuple[float, float, float, float]) 
                       _pct_cell(r, "change_vs_nadir_pct"), _pct_cell(r, "change_vs_baseline_pct"),
                       r["category"], r["confirmed"], r["category_rano2"], r["confirmed_rano2"],
                       net.get("label", "-" if r["role"] == "follow-up" else "")])
-    t = ax.table(cellText=cells, colLabels=cols, loc="upper left", cellLoc="left", colLoc="left",
-                 colWidths=[0.11, 0.055, 0.09, 0.07, 0.07, 0.08, 0.08, 0.065, 0.07, 0.075, 0.07, 0.075])
-    t.auto_set_font_size(False)
-    t.set_fontsize(FONT - 2)
-    t.scale(1, 1.35)
-    for (r, _), cell in t.get_celld().items():
-        cell.set_edgecolor("0.4")
-        if r == 0:
-            cell.set_text_props(fontweight="bold")
-            cell.set_facecolor("0.88")
+    draw_table(ax, cells, cols, [0.11, 0.055, 0.09, 0.07, 0.07, 0.08, 0.08, 0.065, 0.07, 0.075, 0.07, 0.075],
+               FONT - 2, 1.35)
 
 
 def _text_block(fig: Any, x: float, y: float, title: str, lines: list[str], width: int = 112) -> float:
@@ -333,16 +326,7 @@ def _lesion_table(fig: Any, lesions: list[dict], y: float) -> float:
     h = 0.021 * (len(cells) + 1)
     ax = fig.add_axes((0.05, y - h, 0.90, h))
     ax.axis("off")
-    t = ax.table(cellText=cells, colLabels=cols, loc="upper left", cellLoc="left", colLoc="left",
-                 colWidths=[0.14, 0.12, 0.12, 0.12, 0.12, 0.14, 0.24])
-    t.auto_set_font_size(False)
-    t.set_fontsize(FONT - 2)
-    t.scale(1, 1.3)
-    for (row, _), cell in t.get_celld().items():
-        cell.set_edgecolor("0.4")
-        if row == 0:
-            cell.set_text_props(fontweight="bold")
-            cell.set_facecolor("0.88")
+    draw_table(ax, cells, cols, [0.14, 0.12, 0.12, 0.12, 0.12, 0.14, 0.24], FONT - 2, 1.3)
     return y - h - 0.02
 
 

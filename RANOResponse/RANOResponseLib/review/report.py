@@ -39,6 +39,7 @@ from RANOResponseLib.review.opinions import opinion_lines, opinions
 # _Panel, _draw_panel, _halo, _oriented: the course report draws with them, imported from here
 from RANOResponseLib.review.report_images import (  # noqa: F401
     FONT,
+    draw_table,
     _draw_panel,
     _halo,
     _oriented,
@@ -132,16 +133,7 @@ def _table(fig: Any, rows: list[dict], box: tuple[float, float, float, float]) -
     cells = [[r["timepoint"], r["lesion"] + (" *" if r["edited"] else ""), f"{r['d1_mm']:.1f}", f"{r['d2_mm']:.1f}",
               f"{r['product_mm2']:.0f}", f"{r['enhancing_ml']:.2f}", str(r["slices"]),
               "yes" if r["measurable"] == "yes" else "no", r["status"]] for r in rows[:18]]
-    t = ax.table(cellText=cells, colLabels=cols, loc="upper left", cellLoc="left", colLoc="left",
-                 colWidths=[0.11, 0.08, 0.07, 0.07, 0.09, 0.10, 0.07, 0.145, 0.265])
-    t.auto_set_font_size(False)
-    t.set_fontsize(FONT - 1)
-    t.scale(1, 1.45)
-    for (r, _), cell in t.get_celld().items():
-        cell.set_edgecolor("0.4")
-        if r == 0:
-            cell.set_text_props(fontweight="bold")
-            cell.set_facecolor("0.88")
+    draw_table(ax, cells, cols, [0.11, 0.08, 0.07, 0.07, 0.09, 0.10, 0.07, 0.145, 0.265], FONT - 1, 1.45)
 
 
 def render_report(inputs: ReportInputs, out: Path | str, png_prefix: Path | str | None = None) -> Path:

@@ -34,6 +34,22 @@ class _Panel:
     pixels_per_cm: float = 0.0  # for the 1 cm scale bar
 
 
+def draw_table(ax: Any, cells: list[list[str]], columns: Sequence[str], widths: Sequence[float],
+               fontsize: float, row_scale: float) -> Any:
+    """The reports' table style: left-aligned cells, grey rules, a bold shaded header row."""
+    t = ax.table(cellText=cells, colLabels=list(columns), loc="upper left", cellLoc="left", colLoc="left",
+                 colWidths=list(widths))
+    t.auto_set_font_size(False)
+    t.set_fontsize(fontsize)
+    t.scale(1, row_scale)
+    for (row, _), cell in t.get_celld().items():
+        cell.set_edgecolor("0.4")
+        if row == 0:
+            cell.set_text_props(fontweight="bold")
+            cell.set_facecolor("0.88")
+    return t
+
+
 def _halo(lw: float, colour: str = "black") -> list:
     """A wider stroke of ``colour`` under the line: visible on any grey, in print too."""
     import matplotlib.patheffects as pe
