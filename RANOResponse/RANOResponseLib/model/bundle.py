@@ -113,51 +113,51 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
     require(isinstance(meta, dict), meta_file, "top level must be an object")
     require(meta.get("format") == FORMAT, meta_file, f"'format' must be {FORMAT!r}")
     require(meta.get("format_version") == FORMAT_VERSION, meta_file,
-             f"unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+            f"unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
     for key in ("id", "architecture", "modalities", "channels", "class_names", "spacing_mm",
                 "input_size", "normalization", "gradcam_layer", "weights"):
         require(key in meta, meta_file, f"missing key '{key}'")
 
     modalities = tuple(meta["modalities"])
     require(len(modalities) > 0 and set(modalities) <= set(MODALITIES) and len(set(modalities)) == len(modalities),
-             meta_file, f"modalities {list(modalities)} must be distinct names from {list(MODALITIES)}")
+            meta_file, f"modalities {list(modalities)} must be distinct names from {list(MODALITIES)}")
     try:
         channels = tuple(Channel.parse(c) for c in meta["channels"])
     except (ValueError, TypeError, AttributeError) as e:
         raise BundleError(f"{meta_file}: {e}") from None
     require({c.modality for c in channels} == set(modalities), meta_file,
-             "channels must use exactly the declared modalities")
+            "channels must use exactly the declared modalities")
     class_names = tuple(meta["class_names"])
     require(len(class_names) >= 2 and len(set(class_names)) == len(class_names), meta_file,
-             "class_names must be at least two distinct names")
+            "class_names must be at least two distinct names")
     spacing, size = meta["spacing_mm"], meta["input_size"]
     require(isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in spacing),
-             meta_file, "spacing_mm must be three positive numbers (x, y, z)")
+            meta_file, "spacing_mm must be three positive numbers (x, y, z)")
     require(isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s >= 16 for s in size),
-             meta_file, "input_size must be three integers >= 16 (x, y, z)")
+            meta_file, "input_size must be three integers >= 16 (x, y, z)")
     norm = meta["normalization"]
     require(isinstance(norm, dict) and norm.get("method") in NORMALIZATIONS, meta_file,
-             f"normalization.method must be one of {list(NORMALIZATIONS)}")
+            f"normalization.method must be one of {list(NORMALIZATIONS)}")
     stats = meta.get("input_statistics")
     require(stats is None or (isinstance(stats, dict) and isinstance(stats.get("version"), int)), meta_file,
-             "input_statistics must be an object with an integer 'version'")
+            "input_statistics must be an object with an integer 'version'")
     arch = meta["architecture"]
     require(isinstance(arch, dict) and isinstance(arch.get("args"), dict), meta_file,
-             "architecture must be an object with 'name' and 'args'")
+            "architecture must be an object with 'name' and 'args'")
     from RANOResponseLib.model.networks import ARCHITECTURES
 
     require(arch.get("name") in ARCHITECTURES, meta_file,
-             f"unknown architecture {arch.get('name')!r} (known: {', '.join(ARCHITECTURES)})")
+            f"unknown architecture {arch.get('name')!r} (known: {', '.join(ARCHITECTURES)})")
     args = arch["args"]
     require(args.get("in_channels") == len(channels), meta_file,
-             f"architecture in_channels {args.get('in_channels')} != {len(channels)} declared channels")
+            f"architecture in_channels {args.get('in_channels')} != {len(channels)} declared channels")
     require(args.get("out_channels") == len(class_names), meta_file,
-             f"architecture out_channels {args.get('out_channels')} != {len(class_names)} class names")
+            f"architecture out_channels {args.get('out_channels')} != {len(class_names)} class names")
     weights = meta["weights"]
     require(isinstance(weights, list) and len(weights) > 0, meta_file, "weights must be a non-empty list")
     for w in weights:
         require(isinstance(w, dict) and "file" in w and "sha256" in w, meta_file,
-                 "each weights entry needs 'file' and 'sha256'")
+                "each weights entry needs 'file' and 'sha256'")
         require((root / w["file"]).is_file(), root / w["file"], "weights file missing")
     if meta.get("calibration") is not None:
         _check_calibration(meta["calibration"], len(weights), meta_file)
@@ -192,17 +192,17 @@ def _check_calibration(cal: Any, members: int, where: Path) -> None:
     """``calibration``: ``{"method": "temperature", "temperatures": [one > 0 per weights entry],
     "uncertain": {"top_probability_below": p in [0, 1], "spread_above": s >= 0 or null, "chosen_on": ...}}``."""
     require(isinstance(cal, dict) and cal.get("method") == "temperature", where,
-             "calibration must be an object with method 'temperature'")
+            "calibration must be an object with method 'temperature'")
     temps = cal.get("temperatures")
     require(isinstance(temps, list) and len(temps) == members and all(_number(t) and t > 0 for t in temps),
-             where, f"calibration.temperatures must be {members} positive numbers (one per weights entry)")
+            where, f"calibration.temperatures must be {members} positive numbers (one per weights entry)")
     unc = cal.get("uncertain")
     if unc is not None:
         require(isinstance(unc, dict), where, "calibration.uncertain must be an object")
         top, spread = unc.get("top_probability_below"), unc.get("spread_above")
         require(_number(top) and 0 <= top <= 1, where, "calibration.uncertain.top_probability_below must be in [0, 1]")
         require(spread is None or (_number(spread) and spread >= 0), where,
-                 "calibration.uncertain.spread_above must be a number >= 0 or null")
+                "calibration.uncertain.spread_above must be a number >= 0 or null")
 
 
 def _check_suggestion(sug: Any, class_names: Sequence[str], where: Path) -> None:
@@ -210,24 +210,24 @@ def _check_suggestion(sug: Any, class_names: Sequence[str], where: Path) -> None
     (the bundle's class names), ``features``, ``impute``/``mean``/``scale`` per feature, ``coef``
     (classes x features) and ``intercept`` (per class)."""
     require(isinstance(sug, dict) and sug.get("method") == "multinomial-logistic-regression", where,
-             "suggestion must be an object with method 'multinomial-logistic-regression'")
+            "suggestion must be an object with method 'multinomial-logistic-regression'")
     require(list(sug.get("classes", [])) == list(class_names), where,
-             f"suggestion.classes must be the bundle's class names {list(class_names)}")
+            f"suggestion.classes must be the bundle's class names {list(class_names)}")
     feats = sug.get("features")
     require(isinstance(feats, list) and len(feats) > 0 and all(isinstance(f, str) for f in feats), where,
-             "suggestion.features must be a non-empty list of names")
+            "suggestion.features must be a non-empty list of names")
     n = len(feats)
     for key in ("impute", "mean", "scale"):
         v = sug.get(key)
         require(isinstance(v, list) and len(v) == n and all(_number(x) for x in v), where,
-                 f"suggestion.{key} must be {n} numbers (one per feature)")
+                f"suggestion.{key} must be {n} numbers (one per feature)")
     require(all(x > 0 for x in sug["scale"]), where, "suggestion.scale must be positive")
     coef, icpt = sug.get("coef"), sug.get("intercept")
     require(isinstance(coef, list) and len(coef) == len(class_names)
-             and all(isinstance(r, list) and len(r) == n and all(_number(x) for x in r) for r in coef), where,
-             f"suggestion.coef must be {len(class_names)} rows of {n} numbers")
+            and all(isinstance(r, list) and len(r) == n and all(_number(x) for x in r) for r in coef), where,
+            f"suggestion.coef must be {len(class_names)} rows of {n} numbers")
     require(isinstance(icpt, list) and len(icpt) == len(class_names) and all(_number(x) for x in icpt), where,
-             f"suggestion.intercept must be {len(class_names)} numbers")
+            f"suggestion.intercept must be {len(class_names)} numbers")
 
 
 _MODALITIES_CACHE: dict[str, tuple[int, tuple[str, ...]]] = {}  # bundle.json -> (mtime_ns, modalities)
@@ -256,8 +256,8 @@ def bundle_modalities(path: Path | str | None = None) -> tuple[str, ...]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{meta_file}: no readable 'modalities' ({e})") from None
     require(isinstance(modalities, list) and len(modalities) > 0 and set(modalities) <= set(MODALITIES)
-             and len(set(modalities)) == len(modalities), meta_file,
-             f"modalities {modalities!r} must be distinct names from {list(MODALITIES)}")
+            and len(set(modalities)) == len(modalities), meta_file,
+            f"modalities {modalities!r} must be distinct names from {list(MODALITIES)}")
     _MODALITIES_CACHE[key] = (mtime, tuple(modalities))
     return tuple(modalities)
 
