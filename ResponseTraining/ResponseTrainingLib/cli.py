@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, type=Path, help="run folder (folds, tables, plots, bundle)")
     g.add_argument("--modalities", default=",".join(default("modalities")), help="comma list of CT1,T1,T2,FLAIR")
     g.add_argument("--channels", default=default("channels"), choices=CHANNEL_SETS,
-                   help="stack: [follow-up, baseline] per modality; difference: follow-up minus baseline")
+                   help="stack: [follow-up, baseline] per modality; difference: follow-up minus baseline; "
+                        "+segmentation: also the timepoints' automatic tumour labels (enhancing, core, edema)")
+    g.add_argument("--seg-bundle", type=Path, default=None, help="segmentation bundle behind +segmentation "
+                   "channels (default: the shipped one)")
     g.add_argument("--pairing", default=default("pairing"), choices=PAIRINGS,
                    help="baseline = scan right before, or latest Post-Op/PR/CR reference (BraTPRO)")
     g.add_argument("--labels", type=Path, default=None,
@@ -166,7 +169,7 @@ def config_from_args(args: argparse.Namespace, command: str = "") -> TrainConfig
         clinical=args.clinical, hybrid=hybrid, hybrid_fit=args.hybrid_fit, backbone=args.backbone,
         slices=args.slices, slice_step=args.slice_step, pretrained_weights=args.pretrained_weights,
         grad_shards=args.grad_shards, only_fold=args.only_fold, preprocess_only=args.preprocess_only,
-        cache=args.cache, bundle_id=args.bundle_id, resume=args.resume, progress_json=args.progress_json,
+        cache=args.cache, seg_bundle=args.seg_bundle, bundle_id=args.bundle_id, resume=args.resume, progress_json=args.progress_json,
         command=command)
 
 

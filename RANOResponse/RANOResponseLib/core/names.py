@@ -24,6 +24,10 @@ LABEL_EDEMA = 3
 # what each label is called (segment names in Slicer, bundle label names, reports)
 LABEL_NAMES: dict[int, str] = {LABEL_ENHANCING: "enhancing", LABEL_CORE: "necrotic / non-enhancing",
                                LABEL_EDEMA: "edema"}
+# Network input channels made from a timepoint's tumour segmentation (``seg-enhancing:followup``:
+# the fraction of each model-grid voxel the segmentation labels enhancing): the name used in a
+# channel in place of a modality -> the label it is made from.
+TUMOUR_CHANNELS: dict[str, int] = {"seg-enhancing": LABEL_ENHANCING, "seg-core": LABEL_CORE, "seg-edema": LABEL_EDEMA}
 
 
 def reference_modality(available, order: tuple[str, ...] = REFERENCE_ORDER) -> str:

@@ -10,13 +10,13 @@ zero outside it. Maps computed on that grid are resampled back onto the baseline
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from RANOResponseLib.core.errors import RANOInputError
-from RANOResponseLib.core.names import REFERENCE_ORDER
+from RANOResponseLib.core.names import REFERENCE_ORDER, TUMOUR_CHANNELS
 from RANOResponseLib.imaging.geometry import lps_to_ras, mask_center, model_grid, resample, shrink_to
 from RANOResponseLib.imaging.io import Study
 from RANOResponseLib.imaging.registration import brain_mask, masked
@@ -54,6 +54,17 @@ def difference_channels(modalities: Sequence[str]) -> list[Channel]:
     return [Channel(m, DIFFERENCE) for m in modalities]
 
 
+def tumour_channels() -> list[Channel]:
+    """The segmentation's labels as channels: per label of :data:`TUMOUR_CHANNELS` ``[follow-up,
+    baseline]``, each the fraction of a model-grid voxel the timepoint's segmentation gives it."""
+    return [Channel(name, t) for name in TUMOUR_CHANNELS for t in TIMEPOINTS]
+
+
+def is_tumour_channel(channel: Channel) -> bool:
+    """Whether ``channel`` is made from a segmentation (not from an MRI sequence)."""
+    return channel.modality in TUMOUR_CHANNELS
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What the network expects; read from a bundle's ``bundle.json``.
@@ -69,6 +80,11 @@ class InputSpec:
     normalization: str = "zscore"
     clip: float = 5.0
     reference_order: tuple[str, ...] = REFERENCE_ORDER
+
+    @property
+    def reads_segmentation(self) -> bool:
+        """Whether some channel is made from the timepoints' tumour segmentations."""
+        return any(is_tumour_channel(c) for c in self.channels)
 
     @property
     def reference_modality(self) -> str:
@@ -113,6 +129,7 @@ def prepare_pair(
     baseline: Study, followup: Study, transform: sitk.Transform, spec: InputSpec,
     center: Sequence[float] | None = None,
     masks: tuple[sitk.Image, sitk.Image] | None = None,
+    labels: Mapping[str, sitk.Image] | None = None,
 ) -> PreparedPair:
     """Crop and resample both studies onto the model grid, normalise and stack the channels.
 
@@ -123,6 +140,10 @@ def prepare_pair(
     model grid and z-scored inside the brain as resampled onto that grid: a study and its
     skull-stripped copy give the same input. Without masks the images are taken as
     skull-stripped: each channel's non-zero voxels are its brain.
+
+    ``labels``: timepoint -> its tumour labels on its images' grid, for the channels of
+    :func:`tumour_channels`: each label as a 0/1 image, box-averaged and resampled like the
+    sequences (so a voxel holds the fraction of it the label covers), not normalised.
 
     ``center`` (LPS mm) places the crop, e.g. where a user moved the crop ROI; by default the
     grid is centred on the baseline brain. A crop that misses the brain is refused.
@@ -149,13 +170,20 @@ def prepare_pair(
         key = f"{modality}:{timepoint}"
         if key in normed:  # a modality used both stacked and as a difference: resampled once
             return normed[key]
+        t = transform if timepoint == "followup" else None
+        if modality in TUMOUR_CHANNELS:
+            if labels is None or timepoint not in labels:
+                raise RANOInputError(f"channel {key} needs the {timepoint}'s tumour segmentation")
+            on = sitk.Cast(sitk.Equal(labels[timepoint], TUMOUR_CHANNELS[modality]), sitk.sitkFloat32)
+            resampled[key] = resample(shrink_to(on, spec.spacing), grid, t)
+            normed[key] = np.clip(sitk.GetArrayFromImage(resampled[key]), 0.0, 1.0).astype(np.float32)
+            return normed[key]
         study = followup if timepoint == "followup" else baseline
         if modality not in study.images:
             raise RANOInputError(f"{study.folder}: missing modality {modality} required by the model")
         image = study.images[modality]
         if masks is not None:
             image = masked(image, masks[0 if timepoint == "baseline" else 1])
-        t = transform if timepoint == "followup" else None
         img = resample(shrink_to(image, spec.spacing), grid, t)
         resampled[key] = img
         normed[key] = normalize(sitk.GetArrayFromImage(img), spec.normalization, spec.clip, brain(timepoint))

@@ -72,6 +72,9 @@ class PreparedInputs:
     prepared: PreparedPair
     description: dict[str, Any]  # see RANOResponseLib.inference.guard
     timings: dict[str, float] = field(default_factory=dict)
+    # timepoint -> what ``segmenter`` returned (its ``.image``: labels on that study's grid), when
+    # the network reads segmentation channels (InputSpec.reads_segmentation)
+    segmentations: dict[str, Any] = field(default_factory=dict)
 
 
 def brain_sources(brain: str | Sequence[str | Path], baseline: Study, followup: Study) -> tuple[BrainSource, BrainSource]:
@@ -151,13 +154,18 @@ def prepare_inputs(
     registration: RegistrationParams | None = None,
     center: Sequence[float] | None = None,
     progress: Callable[[str], None] | None = None,
+    segmenter: Callable[[Study, sitk.Image], Any] | None = None,
 ) -> PreparedInputs:
     """Brain masks, aligned sequences, registration and the network input for one pair.
 
     ``brain``: ``--brain-mask`` (see :func:`brain_sources`); ``device`` runs HD-BET where it is
     needed; ``center``: the crop centre in LPS mm (default: the baseline brain's centre);
     ``progress`` is told each step as it completes ("brain masks", "aligned", "registered",
-    "resampled"). Raises :class:`RANOInputError` for a pair that is not a brain MRI pair.
+    "resampled", and "segmented inputs" when the network reads segmentation channels). ``segmenter``:
+    ``(aligned study, its brain mask) -> segmentation`` with the labels as ``.image``
+    (:func:`~RANOResponseLib.inference.segmentation.segment_study`), called for both timepoints
+    when ``spec`` reads segmentation channels (and only then). Raises :class:`RANOInputError` for a
+    pair that is not a brain MRI pair.
     """
     say = progress or (lambda stage: None)
     timings: dict[str, float] = {}
@@ -179,6 +187,15 @@ def prepare_inputs(
     timings["align"] = time.perf_counter() - t
     say("aligned")
 
+    segmentations: dict[str, Any] = {}
+    if spec.reads_segmentation:
+        if segmenter is None:
+            raise ValueError("the input spec reads segmentation channels: give a segmenter")
+        t = time.perf_counter()
+        segmentations = {tp: segmenter(aligned[tp], brains[tp].image) for tp in TIMEPOINTS}
+        timings["segmentation"] = time.perf_counter() - t
+        say("segmented inputs")
+
     t = time.perf_counter()
     masks = (brains["baseline"].image, brains["followup"].image)
     reg = register_rigid(aligned["baseline"], aligned["followup"], registration, masks=masks)
@@ -186,7 +203,8 @@ def prepare_inputs(
     say("registered")
 
     t = time.perf_counter()
-    prepared = prepare_pair(aligned["baseline"], aligned["followup"], reg.transform, spec, center=center, masks=masks)
+    prepared = prepare_pair(aligned["baseline"], aligned["followup"], reg.transform, spec, center=center, masks=masks,
+                            labels={tp: s.image for tp, s in segmentations.items()} or None)
     dice = dice_coefficient(prepared.brains["baseline"], prepared.brains["followup"])
     guard.refuse_failed_registration(dice, followup.folder, baseline.folder)
     timings["crop_resample"] = time.perf_counter() - t
@@ -203,12 +221,13 @@ def prepare_inputs(
         "channels": channel_statistics(prepared),
     }
     return PreparedInputs(aligned["baseline"], aligned["followup"], brains, reg, prepared,
-                          _plain(description), timings)
+                          _plain(description), timings, segmentations)
 
 
 def channel_statistics(prepared: PreparedPair) -> dict[str, dict[str, float]]:
     """Per channel, :data:`guard.PERCENTILES` of its z-scored values inside the brain on the
-    model grid (the baseline's brain for difference channels)."""
+    model grid (the baseline's brain for difference channels; segmentation channels are
+    fractions of a voxel, 0 to 1)."""
     out = {}
     for i, ch in enumerate(prepared.channels):
         inside = prepared.brains["baseline" if ch.timepoint == DIFFERENCE else ch.timepoint]

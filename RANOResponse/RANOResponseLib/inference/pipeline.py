@@ -176,7 +176,7 @@ def _as_study(study: Path | str | Study, bundle: Bundle, series: SeriesOverrides
 
 
 # Progress fractions of the stages predict_pair reports (each when it completes).
-_PROGRESS = {"read": 0.1, "brain masks": 0.3, "aligned": 0.4, "registered": 0.55, "resampled": 0.65,
+_PROGRESS = {"read": 0.1, "brain masks": 0.3, "aligned": 0.4, "segmented inputs": 0.5, "registered": 0.55, "resampled": 0.65,
              "predicted": 0.8, "segmented": 0.95}
 
 
@@ -207,7 +207,10 @@ def predict_pair(
     which DICOM series is which modality (``--series``, ``--series-rules``);
     ``allow_different``: accept two DICOM studies of different PatientIDs. ``segmentation``:
     segment both timepoints with ``seg_bundle`` (default: the shipped segmentation bundle;
-    ``--no-segmentation`` turns it off) and measure RANO (``PairResult.measured``).
+    ``--no-segmentation`` turns it off) and measure RANO (``PairResult.measured``). A bundle
+    whose network reads segmentation channels (``InputSpec.reads_segmentation``) always segments
+    both timepoints, before the network runs (the segmentations are then part of its input and
+    written with the outputs); ``segmentation=False`` then turns off only the measured RANO.
     A pair that is not a brain MRI pair is refused (:class:`RANOInputError`) before the network runs.
     """
     report = progress or (lambda stage, frac: None)
@@ -219,7 +222,8 @@ def predict_pair(
     t_start = time.perf_counter()
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     seg = None
-    if segmentation:
+    reads_segmentation = bundle.spec.reads_segmentation
+    if segmentation or reads_segmentation:
         seg = seg_bundle if isinstance(seg_bundle, SegBundle) else read_seg_bundle(seg_bundle)
         preload_networks()  # MONAI's import overlaps reading and registration
     dev = resolve_device(device, notice)
@@ -231,7 +235,7 @@ def predict_pair(
         base = _as_study(baseline, bundle, series, series_rules, seg)
         fu = _as_study(followup, bundle, series, series_rules, seg)
     except RANOInputError as e:
-        if seg is None or seg_bundle is not None:
+        if seg is None or seg_bundle is not None or reads_segmentation:
             raise
         # The default segmentation needs sequences the classifier does not: a study without them
         # still gets the network's answer (a study lacking the classifier's own is refused below).
@@ -245,7 +249,16 @@ def predict_pair(
     stage("read")
 
     centre = None if roi_center is None else ras_to_lps(roi_center)
-    inputs = prepare_inputs(base, fu, bundle.spec, brain_mask, dev, registration, centre, progress=stage)
+    segmenter = None
+    if reads_segmentation:
+        assert seg is not None
+        seg_models = _load_seg_models_cached(seg, dev)
+
+        def segmenter(study: Study, brain: sitk.Image) -> Segmentation:
+            return segment_study(study, brain, seg, dev, seg_models)
+
+    inputs = prepare_inputs(base, fu, bundle.spec, brain_mask, dev, registration, centre, progress=stage,
+                            segmenter=segmenter)
     timings.update(inputs.timings)
     input_check = guard.check(inputs.description, bundle.input_statistics)
     prepared = inputs.prepared
@@ -269,7 +282,8 @@ def predict_pair(
     result = PairResult(bundle, str(dev), inputs.baseline, inputs.followup, inputs.registration, prepared,  # type: ignore[arg-type]
                         pred, maps, timings, roi, inputs.brains, inputs.description, input_check)
     result.segmentation_skipped = skipped
-    if seg is not None:
+    result.segmentations = dict(inputs.segmentations)
+    if seg is not None and segmentation:
         _segment_and_measure(result, seg, dev)
         stage("segmented")
         result.explanations = explain_result(result)  # energy inside tumour + edema, pointing game
@@ -280,13 +294,14 @@ def predict_pair(
 def _segment_and_measure(result: PairResult, seg: SegBundle, device: torch.device) -> None:
     """Segment both (aligned) studies inside their brains, measure and decide RANO from the labels
     (lesions matched through the registration) and set the result's ``segmentations``,
-    ``pair_measurement`` and ``measured``."""
-    t = time.perf_counter()
-    models = _load_seg_models_cached(seg, device)
-    studies = {"baseline": result.baseline, "followup": result.followup}
-    result.segmentations = {tp: segment_study(s, result.brains[tp].image, seg, device, models)
-                            for tp, s in studies.items()}
-    result.timings["segmentation"] = time.perf_counter() - t
+    ``pair_measurement`` and ``measured`` (segmentations the network's input already holds are reused)."""
+    if not result.segmentations:  # (a network reading segmentation channels has them already)
+        t = time.perf_counter()
+        models = _load_seg_models_cached(seg, device)
+        studies = {"baseline": result.baseline, "followup": result.followup}
+        result.segmentations = {tp: segment_study(s, result.brains[tp].image, seg, device, models)
+                                for tp, s in studies.items()}
+        result.timings["segmentation"] = time.perf_counter() - t
     t = time.perf_counter()
     result.pair_measurement, result.measured = measure_automatic(
         result.segmentations["baseline"].image, result.segmentations["followup"].image,

@@ -31,7 +31,7 @@ from RANOResponseLib.core.errors import BundleError
 from RANOResponseLib.core.files import atomic_output_dir, write_text
 from RANOResponseLib.core.names import CLASS_NAMES, MODALITIES
 from RANOResponseLib.core.resources import find_resource
-from RANOResponseLib.imaging.preprocessing import NORMALIZATIONS, Channel, InputSpec
+from RANOResponseLib.imaging.preprocessing import NORMALIZATIONS, Channel, InputSpec, is_tumour_channel
 
 FORMAT = "rano-response-bundle"
 FORMAT_VERSION = 1
@@ -125,8 +125,8 @@ def read_bundle(path: Path | str | None = None) -> Bundle:
         channels = tuple(Channel.parse(c) for c in meta["channels"])
     except (ValueError, TypeError, AttributeError) as e:
         raise BundleError(f"{meta_file}: {e}") from None
-    require({c.modality for c in channels} == set(modalities), meta_file,
-            "channels must use exactly the declared modalities")
+    require({c.modality for c in channels if not is_tumour_channel(c)} == set(modalities), meta_file,
+            "channels must use exactly the declared modalities (and segmentation channels)")
     class_names = tuple(meta["class_names"])
     require(len(class_names) >= 2 and len(set(class_names)) == len(class_names), meta_file,
             "class_names must be at least two distinct names")

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from RANOResponseLib.core.files import atomic_file, write_text
 from RANOResponseLib.datasets.lumiere import Pair, build_pairs
-from RANOResponseLib.imaging.preprocessing import InputSpec
+from RANOResponseLib.imaging.preprocessing import InputSpec, is_tumour_channel
 from RANOResponseLib.imaging.studies import load_study
 from RANOResponseLib.inference import guard
 from RANOResponseLib.inference.inputs import prepare_inputs
+from RANOResponseLib.inference.segmentation import segment_study
 from RANOResponseLib.model.bundle import read_bundle, set_input_statistics
+from RANOResponseLib.model.segmentation import SegBundle, load_seg_models, read_seg_bundle
 from tqdm import tqdm
 
 # The preparation's version, part of the cache key: arrays an older preparation cached are not
@@ -40,34 +42,93 @@ from tqdm import tqdm
 PREPARATION = "brain-mask-v2"
 
 
-def spec_key(spec: InputSpec) -> str:
-    """Cache folder name: a hash of everything in the input spec and the preparation's version."""
-    blob = json.dumps({"spec": asdict(spec), "preparation": PREPARATION}, sort_keys=True, default=str)
+def spec_key(spec: InputSpec, seg: SegBundle | None = None) -> str:
+    """Cache folder name: a hash of everything in the input spec, the preparation's version and,
+    for a spec that reads segmentation channels, the segmentation bundle (id and weights)."""
+    parts: dict[str, Any] = {"spec": asdict(spec), "preparation": PREPARATION}
+    if spec.reads_segmentation and seg is not None:
+        parts["segmentation"] = {"id": seg.id, "sha256": list(seg.sha256)}
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def preprocess_pair(pair: Pair, spec: InputSpec, device: Any = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+_SEG_MODELS: dict[str, Any] = {}  # (bundle path, device) -> loaded segmentation networks, per process
+
+
+def _segmenter(seg: SegBundle, device: Any) -> Callable:
+    key = f"{seg.path}|{device}"
+    if key not in _SEG_MODELS:
+        _SEG_MODELS[key] = load_seg_models(seg, device)
+    return lambda study, brain: segment_study(study, brain, seg, device, _SEG_MODELS[key])
+
+
+def preprocess_pair(pair: Pair, spec: InputSpec, device: Any = "cpu",
+                    seg: SegBundle | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The network input for one pair, exactly as ``rano-response predict`` builds it, and its
     description (see :mod:`RANOResponseLib.inference.guard`). ``device`` runs brain extraction
-    for studies that are not skull-stripped."""
+    for studies that are not skull-stripped.
+
+    A spec that reads segmentation channels segments both timepoints with ``seg`` (as predict
+    does); the description then also holds ``measured``: the RANO category measured from those
+    automatic segmentations (what the suggestion model is fitted on, as predict will give it)."""
     base = load_study(pair.baseline, spec.modalities)
     fu = load_study(pair.followup, spec.modalities)
-    inputs = prepare_inputs(base, fu, spec, brain="auto", device=device)
-    return inputs.prepared.array, inputs.description
+    segmenter = _segmenter(seg, device) if spec.reads_segmentation and seg is not None else None
+    inputs = prepare_inputs(base, fu, spec, brain="auto", device=device, segmenter=segmenter)
+    description = dict(inputs.description)
+    if inputs.segmentations:
+        description["measured"] = automatic_category(inputs, seg)
+    return inputs.prepared.array, description
+
+
+def automatic_category(inputs: Any, seg: SegBundle | None) -> dict[str, Any]:
+    """RANO (and RANO 2.0) measured from a prepared pair's automatic segmentations, matched through
+    its registration; ``category`` None (with the reason) where measuring fails."""
+    from RANOResponseLib.core.errors import RANOInputError
+    from RANOResponseLib.rano.measurement import measure_pair
+    from RANOResponseLib.rano.rules import decide
+
+    out: dict[str, Any] = {"source": "automatic", "segmentation_bundle": None if seg is None else seg.id}
+    try:
+        pair = measure_pair(inputs.segmentations["baseline"].image, inputs.segmentations["followup"].image,
+                            inputs.registration.transform)
+        out.update(category=decide(pair, criteria="RANO").category,
+                   category_rano2=decide(pair, criteria="RANO 2.0 volumetric").category)
+    except (RANOInputError, RuntimeError, ValueError) as e:
+        out.update(category=None, category_rano2=None, reason=str(e).splitlines()[0])
+    return out
+
+
+def measured_from_cache(paths: Sequence[Path]) -> dict[str, str | None] | None:
+    """Pair id -> the automatic measured RANO category recorded beside each cached pair
+    (:func:`preprocess_pair`); None when the cache holds none (a spec without segmentation channels)."""
+    out: dict[str, str | None] = {}
+    for p in paths:
+        measured = json.loads(Path(p).with_suffix(".json").read_text(encoding="utf-8")).get("measured")
+        if measured is None:
+            return None
+        out[Path(p).stem] = measured.get("category")
+    return out
 
 
 def cache_pairs(pairs: Sequence[Pair], spec: InputSpec, cache_dir: Path, progress: bool = True,
-                on_pair: Callable[[int, int], None] | None = None, device: Any = "cpu") -> list[Path]:
+                on_pair: Callable[[int, int], None] | None = None, device: Any = "cpu",
+                seg_bundle: SegBundle | Path | str | None = None) -> list[Path]:
     """Preprocess every pair once; later calls (other folds, resumed runs) reuse the files.
 
-    Each pair gives ``<id>.npy`` (float16 array) and ``<id>.json`` (its description)."""
-    cache_dir = Path(cache_dir) / spec_key(spec)
+    Each pair gives ``<id>.npy`` (float16 array) and ``<id>.json`` (its description).
+    ``seg_bundle``: the segmentation bundle for a spec that reads segmentation channels (default:
+    the shipped one)."""
+    seg = None
+    if spec.reads_segmentation:
+        seg = seg_bundle if isinstance(seg_bundle, SegBundle) else read_seg_bundle(seg_bundle)
+    cache_dir = Path(cache_dir) / spec_key(spec, seg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, pair in enumerate(tqdm(pairs, desc="preprocess", unit="pair", disable=not progress)):
         path = cache_dir / f"{pair.id}.npy"
         if not (path.exists() and path.with_suffix(".json").exists()):
-            arr, description = preprocess_pair(pair, spec, device)
+            arr, description = preprocess_pair(pair, spec, device, seg)
             with atomic_file(path) as tmp:
                 np.save(tmp, arr.astype(np.float16))
             write_text(json.dumps(description) + "\n", path.with_suffix(".json"))
@@ -117,17 +178,92 @@ def cached_dataset(paths: Sequence[Path], labels: Sequence[int]):
     return CacheDataset(data, transform=_load_npy, cache_rate=1.0, num_workers=0, progress=False)
 
 
-def augmenter():
-    """MONAI transforms on (C, z, y, x) arrays: one spatial draw for all channels."""
-    from monai.transforms import Compose, RandAffine, RandFlip, RandGaussianNoise, RandScaleIntensity
+def augmenter(spec: InputSpec | None = None) -> "ClinicalAugment":
+    """Training augmentation for ``spec``'s channels (see :class:`ClinicalAugment`)."""
+    return ClinicalAugment(None if spec is None else
+                           [i for i, c in enumerate(spec.channels) if not is_tumour_channel(c)])
 
-    return Compose([
-        RandFlip(prob=0.5, spatial_axis=2),  # left-right
-        RandAffine(prob=0.5, rotate_range=(0.12, 0.12, 0.12), translate_range=(4, 4, 4),
-                   scale_range=(0.05, 0.05, 0.05), padding_mode="zeros"),
-        RandScaleIntensity(factors=0.1, prob=0.3),
-        RandGaussianNoise(prob=0.3, std=0.05),
-    ])
+
+class ClinicalAugment:
+    """MONAI transforms on one pair's (C, z, y, x) array, covering what clinical input looks like
+    after brain extraction and resampling (issue "Studies as they come from the scanner").
+
+    Spatial, one draw for all channels: left-right flip, small rotation / shift / scale.
+    Intensity, on the MRI channels only (segmentation channels are fractions of a voxel and keep
+    their meaning): a smooth bias field, a blur along one random axis (a thick-slice sequence),
+    intensity scaling, Gaussian noise, and a brain-mask edge moved by one voxel (HD-BET's mask is not
+    the research set's skull strip: a rim gained or lost at the brain's border).
+    ``set_random_state(seed)`` makes every draw reproducible (:class:`EpochView`).
+    """
+
+    def __init__(self, mri_channels: Sequence[int] | None = None) -> None:
+        from monai.transforms import (
+            Compose,
+            OneOf,
+            RandAffine,
+            RandBiasField,
+            RandFlip,
+            RandGaussianNoise,
+            RandGaussianSmooth,
+            RandScaleIntensity,
+        )
+
+        self.mri = None if mri_channels is None else list(mri_channels)
+        self.spatial = Compose([
+            RandFlip(prob=0.5, spatial_axis=2),  # left-right
+            RandAffine(prob=0.5, rotate_range=(0.12, 0.12, 0.12), translate_range=(4, 4, 4),
+                       scale_range=(0.05, 0.05, 0.05), padding_mode="zeros"),
+        ])
+        none = (0.0, 0.0)
+        thick = (0.5, 1.2)  # in voxels of the model grid: a 5 mm slice seen on a 2-3 mm grid
+        self.blur = OneOf([RandGaussianSmooth(sigma_x=thick, sigma_y=none, sigma_z=none, prob=1.0),
+                           RandGaussianSmooth(sigma_x=none, sigma_y=thick, sigma_z=none, prob=1.0),
+                           RandGaussianSmooth(sigma_x=none, sigma_y=none, sigma_z=thick, prob=1.0)])
+        self.intensity = Compose([
+            RandBiasField(degree=3, coeff_range=(0.0, 0.15), prob=0.3),
+            RandScaleIntensity(factors=0.1, prob=0.3),
+            RandGaussianNoise(prob=0.3, std=0.05),
+        ])
+        self.blur_prob, self.edge_prob = 0.3, 0.2
+        self.rng = np.random.RandomState()
+
+    def set_random_state(self, seed: int) -> "ClinicalAugment":
+        self.rng = np.random.RandomState(seed)
+        self.spatial.set_random_state(seed=int(self.rng.randint(2**31)))
+        self.intensity.set_random_state(seed=int(self.rng.randint(2**31)))
+        self.blur.set_random_state(seed=int(self.rng.randint(2**31)))
+        return self
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(self.spatial(x), dtype=np.float32)
+        idx = list(range(x.shape[0])) if self.mri is None else self.mri
+        if not idx:
+            return x
+        mri = x[idx]
+        inside = np.any(mri != 0, axis=0)
+        if self.rng.rand() < self.blur_prob:
+            mri = np.asarray(self.blur(mri), dtype=np.float32)
+        mri = np.asarray(self.intensity(mri), dtype=np.float32) * inside  # nothing added outside the brain
+        if self.rng.rand() < self.edge_prob:
+            mri = _move_edge(mri, inside, grow=bool(self.rng.rand() < 0.5))
+        x[idx] = mri
+        return x
+
+
+def _move_edge(x: np.ndarray, inside: np.ndarray, grow: bool) -> np.ndarray:
+    """The brain's border moved by one voxel: eroded (values zeroed on the rim) or dilated (the
+    rim takes its nearest inside value). Written here because MONAI has no transform for a mask's
+    edge; scipy's binary morphology does the work."""
+    from scipy import ndimage
+
+    if not grow:
+        return x * ndimage.binary_erosion(inside)
+    rim = ndimage.binary_dilation(inside) & ~inside
+    _, nearest = ndimage.distance_transform_edt(~inside, return_indices=True)
+    out = x.copy()
+    for c in range(x.shape[0]):
+        out[c][rim] = x[c][tuple(n[rim] for n in nearest)]
+    return out
 
 
 def item_seed(*parts: int) -> int:

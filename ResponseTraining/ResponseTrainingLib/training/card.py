@@ -201,6 +201,13 @@ against the previous scan).
 def _suggestion_note(cv: dict[str, Any]) -> str:
     if "hybrid-suggested" not in cv:
         return ""
+    if "measured-automatic" in cv:
+        return """
+`hybrid-suggested` is the suggested category predict reports next to the network's: a multinomial
+logistic regression on the calibrated probabilities and the measured RANO category, fitted inside
+the folds. The measured category came from the automatic segmentation of each training pair
+(`measured-automatic` above), as predict will give it.
+"""
     return """
 `hybrid-suggested` is the suggested category predict reports next to the network's: a multinomial
 logistic regression on the calibrated probabilities and the measured RANO category. In training

@@ -26,13 +26,13 @@ if TYPE_CHECKING:
 
 WEIGHTINGS = ("equal", "1-prevalence", "1/prevalence")
 WEIGHTING_ALIASES = {"one-minus": "1-prevalence", "inverse": "1/prevalence"}
-CHANNEL_SETS = ("stack", "difference", "stack+difference")
+CHANNEL_SETS = ("stack", "difference", "stack+difference", "difference+segmentation", "stack+segmentation")
 ARCHS = ("compact", "densenet121", "densenet169", "densenet264", "timm25d")
 # settings that change the numbers: a resumed run must have the same ones
 _RESULT_KEYS = ("data", "arch", "modalities", "channels", "pairing", "folds", "loocv", "val_fraction", "epochs",
                 "batch_size", "lr", "weight_decay", "patience", "plateau_patience", "loss_weighting",
                 "sampler_weighting", "seed", "spacing", "size", "dropout", "augment", "backbone", "slices",
-                "slice_step", "pretrained_weights", "grad_shards")
+                "slice_step", "pretrained_weights", "grad_shards", "seg_bundle")
 # fields that are not options of ``rano-response train`` (the command line itself)
 _NOT_OPTIONS = ("command",)
 
@@ -49,7 +49,10 @@ class TrainConfig:
     # checkpoint; RANO itself is read on contrast-enhanced T1 (CT1), and the phantom's labels
     # come from its enhancing lesions. The shipped bundle (rano-compact-phantom-v2) uses all four.
     modalities: tuple[str, ...] = MODALITIES
-    channels: str = "stack"  # stack: [follow-up, baseline] per modality; difference: follow-up - baseline
+    # stack: [follow-up, baseline] per modality; difference: follow-up - baseline; +segmentation:
+    # the timepoints' automatic tumour labels as channels too (predict segments before the network)
+    channels: str = "stack"
+    seg_bundle: Path | None = None  # the segmentation behind +segmentation channels (default: shipped)
     pairing: str = "previous"
     labels: Path | None = None  # review export (rano-response review export): overrides/adds labels
     folds: int = 5
@@ -92,11 +95,18 @@ class TrainConfig:
 
     def spec(self) -> InputSpec:
         """The model input these settings describe (modalities, channels, grid)."""
-        from RANOResponseLib.imaging.preprocessing import InputSpec, default_channels, difference_channels
+        from RANOResponseLib.imaging.preprocessing import (
+            InputSpec,
+            default_channels,
+            difference_channels,
+            tumour_channels,
+        )
 
         mods = tuple(self.modalities)
         chans = {"stack": default_channels(mods), "difference": difference_channels(mods),
-                 "stack+difference": default_channels(mods) + difference_channels(mods)}[self.channels]
+                 "stack+difference": default_channels(mods) + difference_channels(mods),
+                 "difference+segmentation": difference_channels(mods) + tumour_channels(),
+                 "stack+segmentation": default_channels(mods) + tumour_channels()}[self.channels]
         return InputSpec(mods, tuple(chans), tuple(float(s) for s in self.spacing),
                          tuple(int(s) for s in self.size))
 

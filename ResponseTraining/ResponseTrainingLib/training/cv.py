@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,7 +47,7 @@ from RANOResponseLib.model.networks import GRADCAM_LAYERS
 
 from ResponseTrainingLib.analysis.calibration import calibrate_folds, expected_calibration_error, proba_of
 from ResponseTrainingLib.analysis.metrics import SCALAR_METRICS, classification_metrics, summarise
-from ResponseTrainingLib.data.dataset import cache_pairs, cached_dataset, input_statistics
+from ResponseTrainingLib.data.dataset import cache_pairs, cached_dataset, input_statistics, measured_from_cache
 from ResponseTrainingLib.data.labels import apply_review_labels
 from ResponseTrainingLib.training.card import fmt, json_default, model_card, provenance
 from ResponseTrainingLib.training.config import TrainConfig
@@ -130,10 +130,11 @@ def _run(cfg: TrainConfig, dctx: DistContext, device: torch.device) -> dict[str,
     if dctx.main:
         paths = cache_pairs(pairs, spec, cache, progress=True,
                             on_pair=lambda i, n: emit({"event": "preprocess", "done": i, "total": n,
-                                                       "frac": 0.1 * i / n}), device=device)
+                                                       "frac": 0.1 * i / n}), device=device,
+                            seg_bundle=cfg.seg_bundle)
     dctx.barrier()
     if not dctx.main:
-        paths = cache_pairs(pairs, spec, cache, progress=False)
+        paths = cache_pairs(pairs, spec, cache, progress=False, seg_bundle=cfg.seg_bundle)
     if cfg.preprocess_only:
         say(f"preprocessed {len(paths)} pairs into {cache}")
         return {}
@@ -163,7 +164,7 @@ def _run(cfg: TrainConfig, dctx: DistContext, device: torch.device) -> dict[str,
     if not dctx.main:
         return {}
     summary = aggregate(cfg, out, plan, records, pairs, labels, clinical, device, dctx,
-                        time.perf_counter() - t_start, input_statistics(paths))
+                        time.perf_counter() - t_start, input_statistics(paths), paths)
     emit({"event": "done", "summary": str(out / "summary.json"), "bundle": str(out / "bundle"), "frac": 1.0})
     return summary
 
@@ -301,11 +302,35 @@ def _metrics_rows(model: str, per_fold: list[dict[str, Any]], summ: dict[str, An
     return rows
 
 
+# A fold model joins the shipped ensemble only if, at its chosen epoch, its balanced accuracy on
+# its own validation patients beats chance (1 / classes) by this margin: decided on validation data
+# only (the test folds never choose), so a member stuck at chance (issue 12: one of v2's three
+# kept epoch 1) cannot flatten the ensemble's probabilities.
+MEMBER_MARGIN = 0.10
+
+
+def ensemble_members(records: dict[int, dict[str, Any]], n_classes: int,
+                     margin: float = MEMBER_MARGIN) -> dict[str, Any]:
+    """Which fold models the bundle ships (see :data:`MEMBER_MARGIN`): ``kept``, ``left_out``,
+    the rule and each fold's validation balanced accuracy. If no fold passes, all are kept (and
+    the rule says so)."""
+    chance = 1.0 / n_classes
+    val = {k: float(r.get("val_balanced_accuracy", r.get("val_best_score", 0.0))) for k, r in sorted(records.items())}
+    kept = [k for k, v in val.items() if v >= chance + margin]
+    rule = f"validation balanced accuracy at the chosen epoch >= chance ({chance:.2f}) + {margin:.2f}"
+    if not kept:
+        kept, rule = list(val), rule + "; no fold passed, all kept"
+    return {"kept": kept, "left_out": [k for k in val if k not in kept], "rule": rule,
+            "val_balanced_accuracy": {str(k): round(v, 4) for k, v in val.items()}}
+
+
 def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, dict[str, Any]], pairs: list,
               labels: np.ndarray, clinical: pd.DataFrame | None, device: torch.device, dctx: DistContext,
-              seconds: float, statistics: dict[str, Any] | None = None) -> dict[str, Any]:
+              seconds: float, statistics: dict[str, Any] | None = None,
+              paths: Sequence[Path] | None = None) -> dict[str, Any]:
     """metrics.csv, summary.json, plots and the ensemble bundle from the finished folds;
-    ``statistics``: the training inputs' ``input_statistics`` for the bundle."""
+    ``statistics``: the training inputs' ``input_statistics`` for the bundle; ``paths``: the
+    cached pairs (their descriptions hold the automatic measured category, when segmented)."""
     from ResponseTrainingLib.analysis.plots import plot_confusion, plot_learning_curves, plot_roc
 
     K = plan.n_folds
@@ -326,8 +351,14 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
     calibration = _calibrate(out, K, plots)
     measured = None
     if "suggested" in cfg.hybrid:
-        measured = measured_from_cohort_masks(pairs, Path(cfg.cache) if cfg.cache else out / "cache")
-        models["measured-cohort-masks"] = _measured_model(calibration["calibrated"], measured)
+        # The automatic segmentations' category where the network's input holds them (what predict
+        # will give the suggestion), else the cohort's own masks (optimistic: see hybrid.py).
+        measured = measured_from_cache(paths) if paths is not None else None
+        name = "measured-automatic"
+        if measured is None:
+            measured = measured_from_cohort_masks(pairs, Path(cfg.cache) if cfg.cache else out / "cache")
+            name = "measured-cohort-masks"
+        models[name] = _measured_model(calibration["calibrated"], measured)
     if cfg.hybrid:
         models.update(run_hybrid(cfg, out, K, clinical, calibration["calibrated"], measured))
         hyb = pd.concat([v["pooled"].assign(model=n) for n, v in models.items() if n != "cnn"], ignore_index=True)
@@ -363,8 +394,13 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
 
     spec = cfg.spec()
     args = network_args(cfg, len(spec.channels))
+    members = ensemble_members(records, len(CLASS_NAMES))
+    if len(members["kept"]) < K:
+        say(f"ensemble: folds {members['left_out']} left out ({members['rule']})")
+    extra["calibration"] = {**cal_block, "temperatures": [cal_block["temperatures"][k] for k in members["kept"]]}
+    extra["ensemble"] = members
     states = [torch.load(out / "folds" / f"fold-{k}" / "best.pt", map_location="cpu", weights_only=True)
-              for k in range(K)]
+              for k in members["kept"]]
     short_cv = {name: {s: v[s] for s in ("median", "mean", "sd", "pooled", "folds")} for name, v in cv.items()}
     write_bundle(out / "bundle", bundle_id=cfg.bundle_id, architecture={"name": cfg.arch, "args": args},
                  spec=spec, state_dicts=states, gradcam_layer=GRADCAM_LAYERS[cfg.arch],
@@ -376,6 +412,6 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
     c = cv["cnn"]
     say_line = (f"CV ({plan.scheme}): balanced accuracy median {c['median']['balanced_accuracy']:.3f}, "
                 f"mean {c['mean']['balanced_accuracy']:.3f} ± {fmt(c['sd']['balanced_accuracy'])}; "
-                f"macro F1 median {c['median']['f1_macro']:.3f}\nbundle: {out / 'bundle'} ({K} models)")
+                f"macro F1 median {c['median']['f1_macro']:.3f}\nbundle: {out / 'bundle'} ({len(states)} models)")
     print(say_line, file=sys.stderr, flush=True)
     return summary

@@ -225,7 +225,7 @@ def train_fold(cfg: TrainConfig, fd: FoldData, dataset, labels: np.ndarray, pair
         state, best_state = saved, ckpt["best_model"]
         say(f"fold {k}: resumed after epoch {state['epoch']} from {ckpt_path}")
 
-    aug = augmenter() if cfg.augment else None
+    aug = augmenter(cfg.spec()) if cfg.augment else None
     x_val = stacked(dataset, fd.val)
     y_val = labels[fd.val]
     t0 = time.perf_counter()
@@ -319,6 +319,7 @@ def train_fold(cfg: TrainConfig, fd: FoldData, dataset, labels: np.ndarray, pair
     record = {"fold": k, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
               "n_pairs": {"train": int(len(np.unique(fd.train))), "val": int(len(fd.val)), "test": int(len(fd.test))},
               "test": test, "val_best_score": state["best_score"], "result_key": state["result_key"],
+              "val_balanced_accuracy": _best_val_balanced_accuracy(state),
               "train_seconds_this_session": round(time.perf_counter() - t0, 1)}
     if dctx.main:
         _atomic_torch_save(best_state, fold_dir / "best.pt")
@@ -330,6 +331,12 @@ def train_fold(cfg: TrainConfig, fd: FoldData, dataset, labels: np.ndarray, pair
     emit({"event": "fold", "fold": k, "best_epoch": state["best_epoch"], "test_bal_acc": test["balanced_accuracy"],
           "frac": frac(k, 1.0)})
     return record
+
+
+def _best_val_balanced_accuracy(state: dict[str, Any]) -> float:
+    """The validation balanced accuracy of the chosen (best) epoch."""
+    rows = [r for r in state["history"] if int(r["epoch"]) == int(state["best_epoch"])]
+    return float(rows[-1]["val_balanced_accuracy"]) if rows else 0.0
 
 
 def finished_fold(fold_dir: Path, key: str) -> dict[str, Any] | None:
