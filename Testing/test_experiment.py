@@ -36,7 +36,7 @@ def test_one_row_per_configuration_from_its_run(grid_run):
     grid = GRIDS["cpu-small"]
     csv = pd.read_csv(out / "results.csv")
     assert list(csv["configuration"]) == [r.configuration for r in grid.rows] and (csv["status"] == "done").all()
-    assert len(set(csv["run"])) == 3  # stacked = all four modalities = images only: one run
+    assert len(set(csv["run"])) == 4  # stacked = all four modalities = images only: one run
     for _, row in csv.iterrows():
         summary = json.loads((out / row["run"] / "summary.json").read_text())
         cv = summary["cv"][row["model"]]
@@ -94,7 +94,7 @@ def test_paper_grid_rows_and_pretraining_needs_a_local_file(tmp_path):
     names = [run_name(r) for r in grid.rows]
     pre = [r for r in grid.rows if r.needs_pretrained][0]
     scratch = [r for r in grid.rows if r.experiment == "pretraining" and not r.needs_pretrained][0]
-    assert run_name(pre) != run_name(scratch) and len(set(names)) == 10  # the base run serves 4 rows
+    assert run_name(pre) != run_name(scratch) and len(set(names)) == 11  # the base run serves 4 rows
     weights = tmp_path / "resnet18.pth"
     assert row_config(grid, pre, tmp_path, tmp_path, {"pretrained_weights": weights}).pretrained_weights == weights
     assert row_config(grid, scratch, tmp_path, tmp_path, {"pretrained_weights": weights}).pretrained_weights is None

@@ -52,7 +52,10 @@ def test_shipped_bundle_is_valid_and_documented():
     assert "not for clinical use" in card and "balanced accuracy" in card
     cv = bundle.meta["metrics"]["cv"]["cnn"]  # cross-validated figures of the image-only model
     assert 0 <= cv["median"]["balanced_accuracy"] <= 1 and cv["pooled"]["n"] > 0
-    assert cv["folds"] == len(bundle.weights)  # one model per fold, all shipped
+    # one model per fold, all shipped but those the validation rule left out (bundle.json "ensemble")
+    members = bundle.meta.get("ensemble") or {"kept": list(range(cv["folds"])), "left_out": []}
+    assert len(members["kept"]) + len(members["left_out"]) == cv["folds"]
+    assert len(members["kept"]) == len(bundle.weights)
     assert bundle.meta["training"]["command"].startswith("rano-response train")
     assert bundle.meta["training"]["device"]
 

@@ -430,7 +430,7 @@ def test_shipped_bundle_names_no_path_of_the_machine_that_trained_it():
     for name in ("bundle.json", "MODEL_CARD.md"):
         assert _absolute_paths((bundle / name).read_text(encoding="utf-8")) == [], name
     training = read_bundle(bundle).meta["training"]
-    assert training["data"] == "phantom-train"
+    assert training["data"].startswith("phantom-train")
     assert training["data_source"]["command"].startswith("rano-response phantom")
 
 

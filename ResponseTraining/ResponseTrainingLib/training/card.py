@@ -145,8 +145,25 @@ is below {unc['top_probability_below']:.3f} or the members' spread of the top cl
 """
 
 
+def _members_line(members: dict[str, Any] | None) -> str:
+    if not members:
+        return ""
+    val = ", ".join(f"{k}: {v:.3f}" for k, v in members["val_balanced_accuracy"].items())
+    left = f"; left out: folds {members['left_out']}" if members["left_out"] else "; none left out"
+    return (f" (kept: folds {members['kept']}{left}; rule, on validation patients only: {members['rule']}; "
+            f"validation balanced accuracy per fold {val})")
+
+
+def _segmentation_line(cfg: TrainConfig) -> str:
+    if not cfg.spec().reads_segmentation:
+        return ""
+    seg = "the shipped segmentation bundle" if cfg.seg_bundle is None else f"`{portable_path(cfg.seg_bundle)}`"
+    return (f"\n- Segmentation channels: each timepoint is segmented by {seg} (as predict does, before the"
+            "\n  network runs); each label is a channel holding the fraction of a model-grid voxel it covers.")
+
+
 def model_card(cfg: TrainConfig, prov: dict[str, Any], cv: dict[str, Any],
-               calibration: dict[str, Any] | None = None) -> str:
+               calibration: dict[str, Any] | None = None, members: dict[str, Any] | None = None) -> str:
     """``MODEL_CARD.md`` of the fold-ensemble bundle: what it is, how it was trained, how good it
     is, and (when given) how its probabilities were calibrated."""
     cm = cv["cnn"]["pooled"]["confusion_matrix"]
@@ -161,8 +178,8 @@ def model_card(cfg: TrainConfig, prov: dict[str, Any], cv: dict[str, Any],
 
 - Architecture: {arch}, {len(spec.channels)} input channels
   ({', '.join(str(c) for c in spec.channels)}), classes {', '.join(CLASS_NAMES)}.
-- Ensemble of the {len(prov['folds'])} fold models of a {prov['cv_scheme']}; predict averages their
-  probabilities and reports their spread.
+- Ensemble of the fold models of a {prov['cv_scheme']}{_members_line(members)}; predict averages
+  their probabilities and reports their spread.{_segmentation_line(cfg)}
 - Input: each study's brain mask (skull-stripped studies: their non-zero region; others: HD-BET), its
   sequences aligned to its reference image, follow-up registered rigidly to baseline, cut to the brain,
   resampled to {tuple(cfg.size)} voxels of {tuple(cfg.spacing)} mm around the brain, z-scored per channel

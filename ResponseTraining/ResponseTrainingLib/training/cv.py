@@ -408,7 +408,7 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
                                               "metrics": {"cv": short_cv, "holdout_test": cv["cnn"]["pooled"]},
                                               **{k: v for k, v in extra.items() if v is not None}},
                                              default=json_default)),
-                 model_card=model_card(cfg, prov, cv, cal_block), input_statistics=statistics)
+                 model_card=model_card(cfg, prov, cv, cal_block, members), input_statistics=statistics)
     c = cv["cnn"]
     say_line = (f"CV ({plan.scheme}): balanced accuracy median {c['median']['balanced_accuracy']:.3f}, "
                 f"mean {c['mean']['balanced_accuracy']:.3f} ± {fmt(c['sd']['balanced_accuracy'])}; "

@@ -73,6 +73,7 @@ GRIDS: dict[str, Grid] = {
             Row("subtraction", "stacked [follow-up, baseline]"),
             Row("subtraction", "subtraction (follow-up - baseline)", {"channels": "difference"}),
             Row("subtraction", "stacked + subtraction", {"channels": "stack+difference"}),
+            Row("subtraction", "subtraction + segmentation labels", {"channels": "difference+segmentation"}),
             Row("modalities", "CT1, T1, T2, FLAIR"),
             Row("modalities", "T1, T2, FLAIR", {"modalities": ("T1", "T2", "FLAIR")}),
             Row("modalities", "CT1, FLAIR", {"modalities": ("CT1", "FLAIR")}),
@@ -94,6 +95,7 @@ GRIDS: dict[str, Grid] = {
         (
             Row("subtraction", "stacked [follow-up, baseline]"),
             Row("subtraction", "subtraction (follow-up - baseline)", {"channels": "difference"}),
+            Row("subtraction", "subtraction + segmentation labels", {"channels": "difference+segmentation"}),
             Row("modalities", "CT1, T1, T2, FLAIR"),
             Row("modalities", "CT1", {"modalities": ("CT1",)}),
             Row("clinical data", "images only (CNN)"),
