@@ -60,6 +60,19 @@ def test_shipped_bundle_is_valid_and_documented():
     assert bundle.meta["training"]["device"]
 
 
+def test_shipped_classifier_is_calibrated_suggests_and_reads_the_segmentation():
+    """Issue 12: the shipped ensemble carries per-member temperatures, the suggestion model fitted on
+    categories measured from automatic segmentations, and reads the segmentation's labels."""
+    from RANOResponseLib.model.bundle import default_bundle_path, read_bundle
+
+    bundle = read_bundle(default_bundle_path())
+    assert bundle.calibration is not None and len(bundle.calibration["temperatures"]) == len(bundle.weights)
+    assert bundle.suggestion is not None and "measured" in " ".join(bundle.suggestion["features"])
+    assert bundle.spec.reads_segmentation
+    card = (default_bundle_path() / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "measured-automatic" in card and "left out" in card
+
+
 def test_cmake_ships_the_default_model_bundle():
     """The installed module must carry the bundle predict loads by default, every file of it."""
     from RANOResponseLib.model.bundle import DEFAULT_BUNDLE_ID, default_bundle_path

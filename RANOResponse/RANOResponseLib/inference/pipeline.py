@@ -196,6 +196,7 @@ def predict_pair(
     allow_different: bool = False,
     segmentation: bool = True,
     seg_bundle: SegBundle | Path | str | None = None,
+    segmenter: Callable[[Study, sitk.Image], Segmentation] | None = None,
 ) -> PairResult:
     """Load, find the brains, align, register, resample, check, run the model and (optionally)
     the maps, then segment both timepoints and measure RANO from them, for one case pair.
@@ -211,6 +212,8 @@ def predict_pair(
     whose network reads segmentation channels (``InputSpec.reads_segmentation``) always segments
     both timepoints, before the network runs (the segmentations are then part of its input and
     written with the outputs); ``segmentation=False`` then turns off only the measured RANO.
+    ``segmenter``: ``(aligned study, brain) -> Segmentation`` giving those input segmentations
+    instead of ``seg_bundle`` (the course reuses the labels it made with the same bundle).
     A pair that is not a brain MRI pair is refused (:class:`RANOInputError`) before the network runs.
     """
     report = progress or (lambda stage, frac: None)
@@ -249,8 +252,7 @@ def predict_pair(
     stage("read")
 
     centre = None if roi_center is None else ras_to_lps(roi_center)
-    segmenter = None
-    if reads_segmentation:
+    if reads_segmentation and segmenter is None:
         assert seg is not None
         seg_models = _load_seg_models_cached(seg, dev)
 

@@ -42,8 +42,15 @@ import SimpleITK as sitk
 from RANOResponseLib import __version__
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.files import atomic_output_dir, write_text
-from RANOResponseLib.core.names import LABEL_CORE, LABEL_EDEMA, LABEL_ENHANCING, MODALITIES, reference_modality
-from RANOResponseLib.imaging.io import Study, write_image
+from RANOResponseLib.core.names import (
+    LABEL_CORE,
+    LABEL_EDEMA,
+    LABEL_ENHANCING,
+    LABEL_NAMES,
+    MODALITIES,
+    reference_modality,
+)
+from RANOResponseLib.imaging.io import Study, read_image, write_image
 from RANOResponseLib.imaging.registration import align_study, overlap, register_rigid
 from RANOResponseLib.imaging.studies import load_study
 from RANOResponseLib.inference.course_inputs import (
@@ -57,6 +64,8 @@ from RANOResponseLib.inference.course_inputs import (
 )
 from RANOResponseLib.inference.course_lesions import CourseLesion, track_lesions
 from RANOResponseLib.inference.inputs import BRAIN_MODES, find_brain
+from RANOResponseLib.inference.segmentation import Segmentation, label_volumes
+from RANOResponseLib.model.segmentation import default_seg_bundle_path
 from RANOResponseLib.rano.course import Burden, assess_course, choose_baseline, criteria_dict
 from RANOResponseLib.rano.measurement import (
     DEEPBRATUMIA,
@@ -158,7 +167,8 @@ class _CourseRun:
                     "registration": cache_key("reg", fps[i], fps[baseline], brain_mode) if i != baseline else "identity"}
             if bundle is not None and i > baseline:
                 keys["network"] = cache_key("net", fps[i - 1], fps[i], brain_mode, bundle.id,
-                                            [w["sha256"] for w in bundle.weights])
+                                            [w["sha256"] for w in bundle.weights],
+                                            segmenter.key(cs) if bundle.spec.reads_segmentation else None)
             old_folder = old_root / cs.name
             old = {}
             if (old_folder / CACHE_FILE).is_file():
@@ -289,13 +299,32 @@ class _CourseRun:
             masks = (self.tps[i - 1].folder / BRAIN_FILE, tp.folder / BRAIN_FILE)
             try:
                 result = predict_pair(prev.study, cur.study, self.bundle, str(self.device), attributions=False,
-                                      brain_mask=masks, segmentation=False)  # segmented here already
+                                      brain_mask=masks, segmentation=False,  # measured here already
+                                      segmenter=self._input_segmenter(i - 1, i))
                 tp.info["network"] = {"label": result.label, "probabilities": result.probabilities,
                                       "previous": self.tps[i - 1].cs.name}
             except RANOInputError as e:  # the input guard refused this pair: say so, keep the course
                 tp.info["network_note"] = f"network refused the pair: {e}"
         tp.computed.append("network")
         self._time("network", t)
+
+    def _input_segmenter(self, *indices: int) -> Callable | None:
+        """For a classifier that reads segmentation channels: the labels this course already made
+        for those timepoints, when the default segmentation bundle (predict's) made them; None
+        (predict segments itself) otherwise, e.g. with the cohort's own masks."""
+        if not self.bundle.spec.reads_segmentation or not isinstance(self.segmenter, ModelSegmenter):
+            return None
+        default = default_seg_bundle_path().resolve()
+        if Path(self.segmenter.bundle.path).resolve() != default:
+            return None
+        files = {self.tps[j].cs.folder: self.tps[j].folder / SEGMENTATION_FILE for j in indices}
+        bundle_id = self.segmenter.bundle.id
+
+        def labels(study: Study, brain: sitk.Image) -> Segmentation:
+            image = read_image(files[study.folder])
+            return Segmentation(image, 0.0, bundle_id, label_volumes(image, LABEL_NAMES))
+
+        return labels
 
     def run(self) -> None:
         from tqdm import tqdm

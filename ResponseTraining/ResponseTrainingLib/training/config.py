@@ -33,6 +33,7 @@ _RESULT_KEYS = ("data", "arch", "modalities", "channels", "pairing", "folds", "l
                 "batch_size", "lr", "weight_decay", "patience", "plateau_patience", "loss_weighting",
                 "sampler_weighting", "seed", "spacing", "size", "dropout", "augment", "backbone", "slices",
                 "slice_step", "pretrained_weights", "grad_shards", "seg_bundle")
+_LATER_KEYS = ("seg_bundle",)
 # fields that are not options of ``rano-response train`` (the command line itself)
 _NOT_OPTIONS = ("command",)
 
@@ -143,7 +144,9 @@ class TrainConfig:
     def result_key(self) -> str:
         """Hash of the settings that change the numbers (a resumed run must match it)."""
         d = asdict(self)
-        blob = json.dumps({k: (str(d[k]) if isinstance(d[k], Path) else d[k]) for k in _RESULT_KEYS},
+        # settings added later count only when set, so runs made before them still resume
+        keys = [k for k in _RESULT_KEYS if not (k in _LATER_KEYS and d[k] is None)]
+        blob = json.dumps({k: (str(d[k]) if isinstance(d[k], Path) else d[k]) for k in keys},
                           sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
