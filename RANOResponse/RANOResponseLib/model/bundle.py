@@ -35,7 +35,7 @@ from RANOResponseLib.imaging.preprocessing import NORMALIZATIONS, Channel, Input
 
 FORMAT = "rano-response-bundle"
 FORMAT_VERSION = 1
-DEFAULT_BUNDLE_ID = "rano-compact-phantom-v2"
+DEFAULT_BUNDLE_ID = "rano-compact-phantom-v3"
 BUNDLE_ENV = "RANO_RESPONSE_BUNDLE"
 
 

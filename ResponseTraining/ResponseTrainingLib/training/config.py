@@ -48,7 +48,7 @@ class TrainConfig:
     # All four sequences. The reference study's best run used T1+T2+FLAIR, but it chose that
     # among a grid on folds that were not grouped by patient and whose test fold also picked the
     # checkpoint; RANO itself is read on contrast-enhanced T1 (CT1), and the phantom's labels
-    # come from its enhancing lesions. The shipped bundle (rano-compact-phantom-v2) uses all four.
+    # come from its enhancing lesions. The shipped bundle (rano-compact-phantom-v3) uses all four.
     modalities: tuple[str, ...] = MODALITIES
     # stack: [follow-up, baseline] per modality; difference: follow-up - baseline; +segmentation:
     # the timepoints' automatic tumour labels as channels too (predict segments before the network)

@@ -396,7 +396,7 @@ def aggregate(cfg: TrainConfig, out: Path, plan: FoldPlan, records: dict[int, di
     args = network_args(cfg, len(spec.channels))
     members = ensemble_members(records, len(CLASS_NAMES))
     if len(members["kept"]) < K:
-        say(f"ensemble: folds {members['left_out']} left out ({members['rule']})")
+        print(f"ensemble: folds {members['left_out']} left out ({members['rule']})", file=sys.stderr, flush=True)
     extra["calibration"] = {**cal_block, "temperatures": [cal_block["temperatures"][k] for k in members["kept"]]}
     extra["ensemble"] = members
     states = [torch.load(out / "folds" / f"fold-{k}" / "best.pt", map_location="cpu", weights_only=True)
