@@ -3,8 +3,11 @@ per candidate layer (is the peak inside tumour + edema?), and saliency's.
 
 Usage: python Testing/gradcam_layers.py BUNDLE COHORT N_PAIRS [THREADS]
 """
-import sys, json
-import numpy as np, torch
+import json
+import sys
+
+import numpy as np
+import torch
 from RANOResponseLib.datasets.lumiere import build_pairs
 from RANOResponseLib.inference.pipeline import predict_pair, _load_models_cached
 from RANOResponseLib.inference.attributions import predict_with_maps
@@ -12,7 +15,7 @@ from RANOResponseLib.inference.explanations import region_on_baseline, measure_m
 from RANOResponseLib.imaging.preprocessing import to_reference
 from RANOResponseLib.model.bundle import read_bundle
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
-bundle = read_bundle(sys.argv[1]); data = sys.argv[2]; n = int(sys.argv[3])
+bundle, data, n = read_bundle(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 pairs, _ = build_pairs(data, bundle.spec.modalities, "previous")
 pairs = pairs[:n]
 models = _load_models_cached(bundle, torch.device("cpu"))
@@ -21,7 +24,8 @@ cands = [nm for nm in names if "denseblock" in nm or "transition" in nm] + ["fea
 hits = {c: [] for c in cands}; sal = []
 for p in pairs:
     r = predict_pair(p.baseline, p.followup, bundle, "cpu", attributions=False, notice=lambda m: None)
-    ref = r.baseline.images[bundle.spec.reference_modality]; brain = r.brains["baseline"].image
+    ref = r.baseline.images[bundle.spec.reference_modality]
+    brain = r.brains["baseline"].image
     region = region_on_baseline(ref, r.segmentations.get("baseline"), r.segmentations.get("followup"), r.registration.transform)
     x = torch.from_numpy(r.prepared.array[None])
     for c in cands:

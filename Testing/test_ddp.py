@@ -66,4 +66,6 @@ def test_ddp_two_cpu_processes_match_one_process(cohort, tmp_path):
     assert (pd.read_csv(single / "folds.csv")).equals(pd.read_csv(ddp / "folds.csv"))
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["provenance"]["processes"] == 2 and summary["provenance"]["grad_shards"] == 2
-    assert len(read_bundle(ddp / "bundle").weights) == 2
+    kept = read_bundle(single / "bundle").meta["ensemble"]["kept"]
+    assert read_bundle(ddp / "bundle").meta["ensemble"]["kept"] == kept  # the same members chosen
+    assert len(read_bundle(ddp / "bundle").weights) == len(kept)

@@ -312,11 +312,13 @@ def test_calibration_fitted_on_each_folds_validation_pairs(cv_run):
     """Each member's temperature minimises the NLL on its fold's validation pairs (not the test
     pairs'); the bundle, calibration.csv, the card and the reliability diagrams carry it."""
     out, _ = cv_run
-    cal = read_bundle(out / "bundle").calibration
+    bundle = read_bundle(out / "bundle")
+    cal, kept = bundle.calibration, bundle.meta["ensemble"]["kept"]
     pcols = [f"p_{c}" for c in CLASS_NAMES]
-    assert len(cal["temperatures"]) == 3 and cal["uncertain"]["chosen_on"] == "validation"
+    assert len(cal["temperatures"]) == len(kept) >= 1 and cal["uncertain"]["chosen_on"] == "validation"
     table = pd.read_csv(out / "calibration.csv")
-    for k, t in enumerate(cal["temperatures"]):
+    assert len(table) == 3  # every fold calibrated; the bundle carries its members' temperatures
+    for k, t in zip(kept, cal["temperatures"]):
         fp = pd.read_csv(out / "folds" / f"fold-{k}" / "predictions.csv")
         val = fp[fp.role == "val"]
         p, y = val[pcols].to_numpy(), val["label"].to_numpy()
@@ -378,7 +380,13 @@ def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, cohort, case_pair, 
 
     out, _ = cv_run
     bundle = read_bundle(out / "bundle")
-    assert len(bundle.weights) == 3 and bundle.spec.size == (32, 32, 32)
+    kept = bundle.meta["ensemble"]["kept"]
+    assert len(bundle.weights) == len(kept) >= 1 and bundle.spec.size == (32, 32, 32)
+    for k in range(3):  # the ensemble rule, recomputed from each fold's history at its chosen epoch
+        fold = json.loads((out / "folds" / f"fold-{k}" / "fold.json").read_text())
+        history = pd.read_csv(out / "folds" / f"fold-{k}" / "history.csv").set_index("epoch")
+        val = history.loc[fold["best_epoch"], "val_balanced_accuracy"]
+        assert (k in kept) == (val >= 0.35) or bundle.meta["ensemble"]["left_out"] == [], (k, val)
     assert bundle.meta["training"]["command"] and bundle.meta["training"]["device"] == "cpu"
     assert bundle.meta["metrics"]["cv"]["cnn"]["folds"] == 3
     stats = bundle.input_statistics  # what the training inputs looked like, for predict's input guard
@@ -387,7 +395,7 @@ def test_cv_bundle_is_the_fold_ensemble_and_predicts(cv_run, cohort, case_pair, 
     card = (out / "bundle" / "MODEL_CARD.md").read_text()
     assert card.count("Not for clinical use") == 1 and "| cnn | balanced accuracy |" in card
     r = predict_pair(case_pair.baseline, case_pair.followup, bundle, "cpu", attributions=True, notice=lambda m: None)
-    assert r.label in CLASS_NAMES and r.summary()["ensemble_size"] == 3
+    assert r.label in CLASS_NAMES and r.summary()["ensemble_size"] == len(kept)
     assert np.isclose(sum(r.probabilities.values()), 1, atol=1e-5) and r.maps["gradcam"].GetSize()
     ev = tmp_path / "eval"  # `rano-response evaluate` on the ensemble
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -50,7 +50,7 @@ from RANOResponseLib.core.names import (
     MODALITIES,
     reference_modality,
 )
-from RANOResponseLib.imaging.io import Study, read_image, write_image
+from RANOResponseLib.imaging.io import Study, write_image
 from RANOResponseLib.imaging.registration import align_study, overlap, register_rigid
 from RANOResponseLib.imaging.studies import load_study
 from RANOResponseLib.inference.course_inputs import (
@@ -321,7 +321,7 @@ class _CourseRun:
         bundle_id = self.segmenter.bundle.id
 
         def labels(study: Study, brain: sitk.Image) -> Segmentation:
-            image = read_image(files[study.folder])
+            image = sitk.Cast(sitk.ReadImage(str(files[study.folder])), sitk.sitkUInt8)
             return Segmentation(image, 0.0, bundle_id, label_volumes(image, LABEL_NAMES))
 
         return labels
