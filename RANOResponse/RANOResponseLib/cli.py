@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segmentation bundle: ours (bundle.json) or a MONAI bundle folder with a rano_labels.json "
                          "label mapping, or that JSON (default: the shipped one, or $RANO_RESPONSE_SEG_BUNDLE)")
     segmenting.add_argument("--no-segmentation", action="store_true",
-                    help="do not segment the tumour nor measure RANO from it (prediction.json's measured: null)")
+                    help="do not measure RANO from a segmentation (prediction.json's measured: null); the tumour "
+                         "is still segmented when the classifier reads the segmentation (the shipped one does)")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=_cmd_predict)
 
