@@ -309,7 +309,7 @@ def write_bundle(
     spec: InputSpec,
     state_dicts: Sequence[Mapping[str, Any]],
     class_names: Sequence[str] = CLASS_NAMES,
-    gradcam_layer: str = "features.denseblock3",
+    gradcam_layer: str | None = None,
     extra: Mapping[str, Any] | None = None,
     half: bool = True,
     model_card: str | None = None,
@@ -319,10 +319,14 @@ def write_bundle(
 
     ``half`` stores floating-point tensors as float16 to keep the repository small; they are
     loaded back as float32. ``input_statistics``: what the training inputs looked like
-    (:func:`RANOResponseLib.inference.guard.statistics`).
+    (:func:`RANOResponseLib.inference.guard.statistics`). ``gradcam_layer``: default, the
+    architecture's (:data:`~RANOResponseLib.model.networks.GRADCAM_LAYERS`).
     """
     import torch
 
+    from RANOResponseLib.model.networks import GRADCAM_LAYERS
+
+    gradcam_layer = gradcam_layer or GRADCAM_LAYERS[architecture["name"]]
     out = Path(out)
     previous = [p.name for p in out.iterdir()] if out.is_dir() else []
     # staged, then moved in; whatever an earlier bundle left there (more ensemble members) goes

@@ -21,13 +21,17 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "timm25d": {"backbone": "resnet18", "slices": 5, "slice_step": 4},
 }
 
-# Grad-CAM target per preset: the last dense block's output. It is not modified in place
-# (unlike features.norm5, whose output the in-place class_layers.relu overwrites; EXPLAIN.md).
+# Grad-CAM target per preset: a dense block's output, which is not modified in place (unlike
+# features.norm5, whose output the in-place class_layers.relu overwrites; EXPLAIN.md). The
+# DenseNets use their last block. For `compact` the first block: on 24 selection pairs the
+# shipped ensemble's Grad-CAM peak fell inside tumour + edema in 96% of pairs at denseblock1 and
+# 4% at denseblock3, whose 7-voxel maps cannot point at a lesion (Testing/gradcam_layers.py;
+# the figures are in rano-compact-phantom-v3's bundle.json, "gradcam_layer_choice").
 GRADCAM_LAYERS = {
     "densenet121": "features.denseblock4",
     "densenet169": "features.denseblock4",
     "densenet264": "features.denseblock4",
-    "compact": "features.denseblock3",
+    "compact": "features.denseblock1",
     "timm25d": "cam",
 }
 
