@@ -73,14 +73,19 @@ def test_shipped_classifier_is_calibrated_suggests_and_reads_the_segmentation():
     assert "measured-automatic" in card and "left out" in card
 
 
+def _cmake_bundle(variable: str) -> tuple[str, set[str]]:
+    """The bundle id CMakeLists.txt sets in ``variable`` and the files it installs from that bundle."""
+    cmake = (ROOT / "RANOResponse" / "CMakeLists.txt").read_text(encoding="utf-8")
+    bundle_id = re.search(rf"set\({variable}\s+(\S+)\)", cmake).group(1)
+    return bundle_id, set(re.findall(rf"\.\./Resources/Models/\$\{{{variable}\}}/(\S+)", cmake))
+
+
 def test_cmake_ships_the_default_model_bundle():
     """The installed module must carry the bundle predict loads by default, every file of it."""
     from RANOResponseLib.model.bundle import DEFAULT_BUNDLE_ID, default_bundle_path
 
-    cmake = (ROOT / "RANOResponse" / "CMakeLists.txt").read_text(encoding="utf-8")
-    bundle_id = re.search(r"set\(MODEL_BUNDLE_ID\s+(\S+)\)", cmake).group(1)
+    bundle_id, listed = _cmake_bundle("MODEL_BUNDLE_ID")
     assert bundle_id == DEFAULT_BUNDLE_ID
-    listed = set(re.findall(r"\.\./Resources/Models/\$\{MODEL_BUNDLE_ID\}/(\S+)", cmake))
     on_disk = {p.name for p in default_bundle_path().iterdir() if p.is_file()}
     assert listed == on_disk, f"bundle files listed {sorted(listed)} vs on disk {sorted(on_disk)}"
 
@@ -89,9 +94,7 @@ def test_cmake_ships_the_default_segmentation_bundle():
     """The installed module must carry the segmentation bundle predict uses by default, every file of it."""
     from RANOResponseLib.model.segmentation import DEFAULT_SEG_BUNDLE_ID, default_seg_bundle_path
 
-    cmake = (ROOT / "RANOResponse" / "CMakeLists.txt").read_text(encoding="utf-8")
-    bundle_id = re.search(r"set\(SEG_BUNDLE_ID\s+(\S+)\)", cmake).group(1)
+    bundle_id, listed = _cmake_bundle("SEG_BUNDLE_ID")
     assert bundle_id == DEFAULT_SEG_BUNDLE_ID
-    listed = set(re.findall(r"\.\./Resources/Models/\$\{SEG_BUNDLE_ID\}/(\S+)", cmake))
     on_disk = {p.name for p in default_seg_bundle_path().iterdir() if p.is_file()}
     assert listed == on_disk, f"segmentation bundle files listed {sorted(listed)} vs on disk {sorted(on_disk)}"

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from RANOResponseCLI import main as cli_main
 from RANOResponseLib.core.errors import RANOInputError
 from RANOResponseLib.core.names import LABEL_NAMES
-from RANOResponseLib.inference import pipeline
+from RANOResponseLib.inference import segmentation as inference_segmentation
 from RANOResponseLib.inference.pipeline import run_predict
 from RANOResponseLib.inference.segmentation import Segmentation, label_volumes
 from RANOResponseLib.model.segmentation import SEG_ARCHITECTURES, write_seg_bundle
@@ -53,7 +53,7 @@ def _cohort_mask(study, brain, bundle, device="cpu", models=None) -> Segmentatio
 def runs(seg_cohort, tiny_bundle, seg_bundle, tmp_path_factory):
     """run_predict on each rated follow-up pair, segmentations from the cohort's masks."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "segment_study", _cohort_mask)
+    mp.setattr(inference_segmentation, "segment_study", _cohort_mask)
     out = {}
     try:
         for week in FOLLOWUPS:
@@ -175,7 +175,7 @@ def test_dicom_pair_measured(seg_cohort, tiny_bundle, seg_bundle, tmp_path, monk
         mask = sitk.Resample(mask, study.images["CT1"], sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         return Segmentation(mask, 0.0, bundle.id, label_volumes(mask, bundle.label_names))
 
-    monkeypatch.setattr(pipeline, "segment_study", cohort_mask)
+    monkeypatch.setattr(inference_segmentation, "segment_study", cohort_mask)
     out = tmp_path / "out"
     base, fu = origin
     run_predict(base, fu, out, bundle=tiny_bundle, device="cpu", attributions=False, seg_bundle=seg_bundle)

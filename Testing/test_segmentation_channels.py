@@ -113,15 +113,16 @@ def seg_channel_prediction(case_pair, tmp_path_factory, monkeypatch_module):
     """predict (in process) with a tiny bundle reading segmentation channels and the shipped
     segmentation bundle; segment_study counted."""
     import RANOResponseLib.inference.pipeline as pipeline
+    import RANOResponseLib.inference.segmentation as segmentation
 
     calls = []
-    real = pipeline.segment_study
+    real = segmentation.segment_study
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch_module.setattr(pipeline, "segment_study", counting)
+    monkeypatch_module.setattr(segmentation, "segment_study", counting)
     bundle = _seg_bundle(tmp_path_factory.mktemp("segch") / "bundle")
     out = tmp_path_factory.mktemp("segch-out") / "prediction"
     result, files = pipeline.run_predict(case_pair.baseline, case_pair.followup, out, bundle=bundle, device="cpu",

@@ -203,7 +203,7 @@ class ModelSegmenter:
     mode = "auto"
 
     def __init__(self, bundle: Any, device: Any) -> None:
-        self.bundle, self.device, self._models = bundle, device, None
+        self.bundle, self.device = bundle, device
 
     def key(self, cs: CourseStudy) -> list:
         return ["model", self.bundle.id, self.bundle.sha256]
@@ -219,9 +219,6 @@ class ModelSegmenter:
                 if lacking else "")
 
     def __call__(self, cs: CourseStudy, study: Study, brain: sitk.Image) -> sitk.Image:
-        from RANOResponseLib.inference.segmentation import segment_study
-        from RANOResponseLib.model.segmentation import load_seg_models
+        from RANOResponseLib.inference.segmentation import bundle_segmenter
 
-        if self._models is None:
-            self._models = load_seg_models(self.bundle, self.device)
-        return segment_study(study, brain, self.bundle, self.device, models=self._models).image
+        return bundle_segmenter(self.bundle, self.device)(study, brain).image

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import SimpleITK as sitk
 
 from RANOResponseLib.rano.measurement import PairMeasurement, lesion_table, measure_pair
-from RANOResponseLib.rano.rules import compare_with_prediction, decide
+from RANOResponseLib.rano.rules import RuleResult, compare_with_prediction, decide
 
 SOURCE = "automatic"  # what made the segmentations: predict's segmentation bundle
 TRANSFORM_NOTE = "predict's registration (followup_to_baseline.tfm)"
@@ -22,6 +22,11 @@ TRANSFORM_NOTE = "predict's registration (followup_to_baseline.tfm)"
 
 def _ratio(before: float, after: float) -> float | None:
     return None if before <= 0 else after / before
+
+
+def decide_both(pair: PairMeasurement) -> tuple[RuleResult, RuleResult]:
+    """The RANO (bidimensional) and RANO 2.0 (volumetric) decisions for a measured, matched pair."""
+    return decide(pair, criteria="RANO"), decide(pair, criteria="RANO 2.0 volumetric")
 
 
 def measure_automatic(baseline: sitk.Image, followup: sitk.Image, transform: sitk.Transform,
@@ -53,8 +58,7 @@ def measured_block(pair: PairMeasurement, prediction: Mapping[str, Any], segment
     category == the network's class), ``comparison`` and ``measurements`` (lesions with their
     diameter endpoints, for drawing and editing).
     """
-    rano = decide(pair, criteria="RANO")
-    rano2 = decide(pair, criteria="RANO 2.0 volumetric")
+    rano, rano2 = decide_both(pair)
     comparison = compare_with_prediction(rano, {"label": prediction["label"],
                                                 "probabilities": dict(prediction["probabilities"])})
     x = rano.inputs

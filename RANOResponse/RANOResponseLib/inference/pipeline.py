@@ -48,10 +48,10 @@ from RANOResponseLib.inference.calibration import apply_calibration, summary_fie
 from RANOResponseLib.inference.explanations import explain_result  # issue 12
 from RANOResponseLib.inference.inputs import BrainMask, prepare_inputs
 from RANOResponseLib.inference.measured import measure_automatic
-from RANOResponseLib.inference.segmentation import Segmentation, segment_study
+from RANOResponseLib.inference.segmentation import Segmentation, bundle_segmenter
 from RANOResponseLib.model.bundle import Bundle, load_models, read_bundle
 from RANOResponseLib.model.device import resolve_device
-from RANOResponseLib.model.segmentation import SegBundle, load_seg_models, preload_networks, read_seg_bundle
+from RANOResponseLib.model.segmentation import SegBundle, preload_networks, read_seg_bundle
 from RANOResponseLib.rano.measurement import PairMeasurement
 
 Progress = Callable[[str, float], None]
@@ -148,16 +148,9 @@ def _load_models_cached(bundle: Bundle, device: torch.device) -> list[torch.nn.M
     return _MODEL_CACHE["models"]
 
 
-# One bundle kept loaded, so a Slicer session or a batch does not reload weights per case.
+# One bundle kept loaded, so a Slicer session or a batch does not reload weights per case (the
+# segmentation bundle's: inference.segmentation.cached_seg_models).
 _MODEL_CACHE: dict[str, object] = {}
-_SEG_MODEL_CACHE: dict[str, object] = {}  # the same for the segmentation bundle
-
-
-def _load_seg_models_cached(bundle: SegBundle, device: torch.device) -> list[torch.nn.Module]:
-    key = (str(bundle.path), tuple(bundle.sha256), str(device))
-    if _SEG_MODEL_CACHE.get("key") != key:
-        _SEG_MODEL_CACHE["key"], _SEG_MODEL_CACHE["models"] = key, load_seg_models(bundle, device)
-    return _SEG_MODEL_CACHE["models"]  # type: ignore[return-value]
 
 
 def _folder(study: Path | str | Study) -> Path:
@@ -254,11 +247,7 @@ def predict_pair(
     centre = None if roi_center is None else ras_to_lps(roi_center)
     if reads_segmentation and segmenter is None:
         assert seg is not None
-        seg_models = _load_seg_models_cached(seg, dev)
-
-        def segmenter(study: Study, brain: sitk.Image) -> Segmentation:
-            return segment_study(study, brain, seg, dev, seg_models)
-
+        segmenter = bundle_segmenter(seg, dev)
     inputs = prepare_inputs(base, fu, bundle.spec, brain_mask, dev, registration, centre, progress=stage,
                             segmenter=segmenter)
     timings.update(inputs.timings)
@@ -299,10 +288,9 @@ def _segment_and_measure(result: PairResult, seg: SegBundle, device: torch.devic
     ``pair_measurement`` and ``measured`` (segmentations the network's input already holds are reused)."""
     if not result.segmentations:  # (a network reading segmentation channels has them already)
         t = time.perf_counter()
-        models = _load_seg_models_cached(seg, device)
+        segment = bundle_segmenter(seg, device)
         studies = {"baseline": result.baseline, "followup": result.followup}
-        result.segmentations = {tp: segment_study(s, result.brains[tp].image, seg, device, models)
-                                for tp, s in studies.items()}
+        result.segmentations = {tp: segment(s, result.brains[tp].image) for tp, s in studies.items()}
         result.timings["segmentation"] = time.perf_counter() - t
     t = time.perf_counter()
     result.pair_measurement, result.measured = measure_automatic(

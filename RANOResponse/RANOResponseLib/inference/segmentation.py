@@ -154,3 +154,24 @@ def segment_study(study: Study, brain: sitk.Image | None, bundle: SegBundle, dev
     labels = labels_to_reference(scores, bundle.labels, prepared.grid, reference, brain)
     labels = remove_small_enhancing(labels, bundle.min_lesion_ml)
     return Segmentation(labels, time.perf_counter() - t, bundle.id, label_volumes(labels, bundle.label_names))
+
+
+# One segmentation bundle kept loaded per process, so a Slicer session, a batch or a training
+# run's preprocessing does not reload its weights per case.
+_SEG_MODEL_CACHE: dict[str, Any] = {}
+
+
+def cached_seg_models(bundle: SegBundle, device: Any = "cpu") -> list[torch.nn.Module]:
+    """``bundle``'s networks on ``device`` (:func:`~RANOResponseLib.model.segmentation.load_seg_models`),
+    loaded once and kept until another bundle or device is asked for."""
+    key = (str(bundle.path), tuple(bundle.sha256), str(device))
+    if _SEG_MODEL_CACHE.get("key") != key:
+        _SEG_MODEL_CACHE["key"], _SEG_MODEL_CACHE["models"] = key, load_seg_models(bundle, device)
+    return _SEG_MODEL_CACHE["models"]
+
+
+def bundle_segmenter(bundle: SegBundle, device: Any = "cpu"):
+    """``(study, brain) -> Segmentation`` with ``bundle`` (its networks loaded once): the segmenter
+    :func:`~RANOResponseLib.inference.inputs.prepare_inputs` takes for segmentation channels."""
+    models = cached_seg_models(bundle, device)
+    return lambda study, brain: segment_study(study, brain, bundle, device, models)

@@ -32,9 +32,9 @@ from RANOResponseLib.imaging.preprocessing import InputSpec, is_tumour_channel
 from RANOResponseLib.imaging.studies import load_study
 from RANOResponseLib.inference import guard
 from RANOResponseLib.inference.inputs import prepare_inputs
-from RANOResponseLib.inference.segmentation import segment_study
+from RANOResponseLib.inference.segmentation import bundle_segmenter
 from RANOResponseLib.model.bundle import read_bundle, set_input_statistics
-from RANOResponseLib.model.segmentation import SegBundle, load_seg_models, read_seg_bundle
+from RANOResponseLib.model.segmentation import SegBundle, read_seg_bundle
 from tqdm import tqdm
 
 # The preparation's version, part of the cache key: arrays an older preparation cached are not
@@ -52,16 +52,6 @@ def spec_key(spec: InputSpec, seg: SegBundle | None = None) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-_SEG_MODELS: dict[str, Any] = {}  # (bundle path, device) -> loaded segmentation networks, per process
-
-
-def _segmenter(seg: SegBundle, device: Any) -> Callable:
-    key = f"{seg.path}|{device}"
-    if key not in _SEG_MODELS:
-        _SEG_MODELS[key] = load_seg_models(seg, device)
-    return lambda study, brain: segment_study(study, brain, seg, device, _SEG_MODELS[key])
-
-
 def preprocess_pair(pair: Pair, spec: InputSpec, device: Any = "cpu",
                     seg: SegBundle | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The network input for one pair, exactly as ``rano-response predict`` builds it, and its
@@ -73,7 +63,7 @@ def preprocess_pair(pair: Pair, spec: InputSpec, device: Any = "cpu",
     automatic segmentations (what the suggestion model is fitted on, as predict will give it)."""
     base = load_study(pair.baseline, spec.modalities)
     fu = load_study(pair.followup, spec.modalities)
-    segmenter = _segmenter(seg, device) if spec.reads_segmentation and seg is not None else None
+    segmenter = bundle_segmenter(seg, device) if spec.reads_segmentation and seg is not None else None
     inputs = prepare_inputs(base, fu, spec, brain="auto", device=device, segmenter=segmenter)
     description = dict(inputs.description)
     if inputs.segmentations:
@@ -85,15 +75,15 @@ def automatic_category(inputs: Any, seg: SegBundle | None) -> dict[str, Any]:
     """RANO (and RANO 2.0) measured from a prepared pair's automatic segmentations, matched through
     its registration; ``category`` None (with the reason) where measuring fails."""
     from RANOResponseLib.core.errors import RANOInputError
+    from RANOResponseLib.inference.measured import SOURCE, decide_both
     from RANOResponseLib.rano.measurement import measure_pair
-    from RANOResponseLib.rano.rules import decide
 
-    out: dict[str, Any] = {"source": "automatic", "segmentation_bundle": None if seg is None else seg.id}
+    out: dict[str, Any] = {"source": SOURCE, "segmentation_bundle": None if seg is None else seg.id}
     try:
         pair = measure_pair(inputs.segmentations["baseline"].image, inputs.segmentations["followup"].image,
                             inputs.registration.transform)
-        out.update(category=decide(pair, criteria="RANO").category,
-                   category_rano2=decide(pair, criteria="RANO 2.0 volumetric").category)
+        rano, rano2 = decide_both(pair)
+        out.update(category=rano.category, category_rano2=rano2.category)
     except (RANOInputError, RuntimeError, ValueError) as e:
         out.update(category=None, category_rano2=None, reason=str(e).splitlines()[0])
     return out
